@@ -1,0 +1,165 @@
+"""Every table of the lake, once: layer, name, schema, merge keys, partitioning.
+
+Nothing else spells a table path. Spark jobs ask for ``spark_schema()``; GPU jobs (no JVM)
+ask for ``arrow_schema()`` and read/write with the ``deltalake`` package. Both come from the
+same column list, written in a small type vocabulary::
+
+    string long int double boolean timestamp binary
+    array<string> array<long> array<int> array<double> map<string,double> map<string,long>
+
+Usage::
+
+    table = catalogue.table("silver.documents")
+    table.uri(settings)      # <lake root>/silver/documents
+    table.merge_keys         # ("doc_id",)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # keep pyspark/pyarrow out of import time
+    import pyarrow as pa
+    from pyspark.sql.types import StructType
+
+    from jzlake.settings import Settings
+
+# Columns every output row carries (lineage).
+RUN_ID = ("run_id", "string")
+
+
+@dataclass(frozen=True)
+class Table:
+    layer: str
+    name: str
+    columns: tuple[tuple[str, str], ...]
+    merge_keys: tuple[str, ...]
+    description: str
+    partition_by: tuple[str, ...] = ()
+    cluster_by: tuple[str, ...] = ()
+    properties: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def full_name(self) -> str:
+        return f"{self.layer}.{self.name}"
+
+    @property
+    def column_names(self) -> list[str]:
+        return [name for name, _ in self.columns]
+
+    def uri(self, settings: Settings) -> str:
+        return f"{settings.lake_root.rstrip('/')}/{self.layer}/{self.name}"
+
+    def spark_schema(self) -> StructType:
+        from pyspark.sql import types as T
+
+        return T.StructType([T.StructField(n, _spark_type(t), True) for n, t in self.columns])
+
+    def arrow_schema(self) -> pa.Schema:
+        import pyarrow as pa
+
+        return pa.schema([pa.field(n, _arrow_type(t), nullable=True) for n, t in self.columns])
+
+    def merge_condition(self, target: str = "t", source: str = "s") -> str:
+        return " AND ".join(f"{target}.`{k}` <=> {source}.`{k}`" for k in self.merge_keys)
+
+
+def _spark_type(name: str) -> Any:
+    from pyspark.sql import types as T
+
+    scalars = {
+        "string": T.StringType(), "long": T.LongType(), "int": T.IntegerType(),
+        "double": T.DoubleType(), "boolean": T.BooleanType(), "timestamp": T.TimestampType(),
+        "binary": T.BinaryType(),
+    }
+    if name in scalars:
+        return scalars[name]
+    if name.startswith("array<"):
+        return T.ArrayType(_spark_type(name[6:-1]), True)
+    if name.startswith("map<"):
+        key, value = name[4:-1].split(",")
+        return T.MapType(_spark_type(key), _spark_type(value), True)
+    raise ValueError(f"unknown column type {name!r}")
+
+
+def _arrow_type(name: str) -> Any:
+    import pyarrow as pa
+
+    scalars = {
+        "string": pa.string(), "long": pa.int64(), "int": pa.int32(), "double": pa.float64(),
+        "boolean": pa.bool_(), "timestamp": pa.timestamp("us", tz="UTC"), "binary": pa.binary(),
+    }
+    if name in scalars:
+        return scalars[name]
+    if name.startswith("array<"):
+        return pa.list_(_arrow_type(name[6:-1]))
+    if name.startswith("map<"):
+        key, value = name[4:-1].split(",")
+        return pa.map_(_arrow_type(key), _arrow_type(value))
+    raise ValueError(f"unknown column type {name!r}")
+
+
+def _t(layer: str, name: str, keys: tuple[str, ...], description: str,
+       *columns: tuple[str, str], **kw: Any) -> Table:
+    return Table(layer, name, tuple(columns), keys, description, **kw)
+
+
+TABLES: tuple[Table, ...] = (
+    # ---- bronze: raw records as ingested -------------------------------------------------
+    _t("bronze", "documents", ("doc_id",), "Raw documents, one per source record",
+       ("doc_id", "string"), ("source", "string"), ("native_id", "string"), ("text", "string"),
+       ("markup", "string"), ("metadata", "map<string,string>"), ("content_sha256", "string"),
+       ("byte_size", "long"), ("file", "string"), ("line", "long"), RUN_ID,
+       ("ingested_at", "timestamp"), partition_by=("source",)),
+    _t("bronze", "quarantine", ("file", "line"), "Records that could not be ingested, with why",
+       ("file", "string"), ("line", "long"), ("source", "string"), ("reason", "string"),
+       ("detail", "string"), ("raw_sample", "string"), ("byte_size", "long"), RUN_ID,
+       ("quarantined_at", "timestamp")),
+    _t("bronze", "ingested_files", ("file",), "Input files already read (size, mtime) for incremental runs",
+       ("file", "string"), ("source", "string"), ("size", "long"), ("mtime", "double"),
+       ("records", "long"), RUN_ID),
+    # ---- silver: cleaned, scored, deduplicated ---------------------------------------------
+    _t("silver", "documents", ("doc_id",), "Cleaned documents that passed the quality filters",
+       ("doc_id", "string"), ("source", "string"), ("text", "string"), ("text_hash", "string"),
+       ("n_words", "long"), ("n_chars", "long"), ("quality_score", "double"),
+       ("math_density", "double"), ("metrics", "map<string,double>"), ("bronze_version", "long"),
+       RUN_ID),
+    _t("silver", "dropped", ("doc_id",), "Documents the cleaning filters removed, with every reason",
+       ("doc_id", "string"), ("source", "string"), ("reasons", "array<string>"),
+       ("primary_reason", "string"), ("metrics", "map<string,double>"), ("n_words", "long"),
+       ("bronze_version", "long"), RUN_ID),
+    _t("silver", "minhash_signatures", ("doc_id",), "MinHash signature per silver document (incremental dedup)",
+       ("doc_id", "string"), ("text_hash", "string"), ("signature", "array<long>"),
+       ("band_hashes", "array<long>"), RUN_ID),
+    _t("silver", "duplicate_edges", ("doc_a", "doc_b"), "Verified duplicate pairs (doc_a < doc_b)",
+       ("doc_a", "string"), ("doc_b", "string"), ("kind", "string"), ("similarity", "double"), RUN_ID),
+    _t("silver", "duplicate_clusters", ("doc_id",), "Every member of a duplicate cluster and its survivor",
+       ("doc_id", "string"), ("cluster_id", "string"), ("survivor_doc_id", "string"),
+       ("is_survivor", "boolean"), ("kind", "string"), ("cluster_size", "long"), RUN_ID),
+    _t("silver", "dedup", ("doc_id",), "Silver documents minus non-surviving duplicates",
+       ("doc_id", "string"), ("source", "string"), ("text", "string"), ("quality_score", "double"),
+       ("math_density", "double"), ("n_words", "long"), RUN_ID),
+    # ---- gold: decontaminated corpus and everything downstream ------------------------------
+    _t("gold", "contamination", ("doc_id", "benchmark", "item_id"), "Benchmark overlaps found in documents",
+       ("doc_id", "string"), ("benchmark", "string"), ("item_id", "string"), ("rule", "string"),
+       ("matched_ngram", "string"), ("containment", "double"), RUN_ID),
+    _t("gold", "corpus", ("doc_id",), "Clean, deduplicated, decontaminated corpus",
+       ("doc_id", "string"), ("source", "string"), ("text", "string"), ("quality_score", "double"),
+       ("math_density", "double"), ("n_words", "long"), RUN_ID),
+)
+
+_BY_NAME = {t.full_name: t for t in TABLES}
+
+
+def table(full_name: str) -> Table:
+    """Look up a table by ``layer.name``; the error lists what exists."""
+    try:
+        return _BY_NAME[full_name]
+    except KeyError:
+        known = ", ".join(sorted(_BY_NAME))
+        raise KeyError(f"no table {full_name!r} in the catalogue; known tables: {known}") from None
+
+
+def all_tables() -> list[Table]:
+    return list(_BY_NAME.values())

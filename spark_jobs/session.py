@@ -1,0 +1,179 @@
+"""Spark session factory with Delta Lake configured, plus the Delta read/write helpers jobs share.
+
+``local[*]`` by default; ``settings.spark.master`` (``SPARK_MASTER``) points at a cluster. The
+Delta jars come from the ignored cache filled by ``infra/fetch-delta-jars.sh`` (``make jars``);
+``spark.jars`` ships them to executors, so nothing is resolved at run time.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+from typing import TYPE_CHECKING
+
+from jzlake.catalogue import Table
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+    from jzlake.settings import Settings
+
+DELTA_CONF = {
+    "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
+    "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
+}
+
+
+def delta_jars(settings: Settings) -> list[str]:
+    jars_dir = settings.path(settings.spark.jars_dir)
+    jars = sorted(glob.glob(os.path.join(jars_dir, "*.jar")))
+    if not any(os.path.basename(j).startswith("delta-spark_") for j in jars):
+        raise RuntimeError(
+            f"Delta Lake jars not found in {jars_dir}. Run `make jars` (needs Maven) to fetch them "
+            "once from Maven Central, or set spark.jars_dir to a folder that holds them."
+        )
+    return jars
+
+
+def spark_conf(settings: Settings) -> dict[str, str]:
+    """Every Spark setting a job needs, for SparkSession.builder and for spark-submit alike."""
+    conf = {
+        **DELTA_CONF,
+        "spark.jars": ",".join(delta_jars(settings)),
+        "spark.sql.shuffle.partitions": str(settings.spark.shuffle_partitions),
+        "spark.sql.session.timeZone": "UTC",
+        "spark.sql.ansi.enabled": "false",
+        "spark.ui.showConsoleProgress": "false",
+        "spark.ui.enabled": "false",
+        "spark.databricks.delta.schema.autoMerge.enabled": "false",
+        # Executors run the same interpreter as the driver (the project's virtualenv).
+        "spark.pyspark.python": sys.executable,
+        "spark.pyspark.driver.python": sys.executable,
+        "spark.executorEnv.PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+        "spark.driver.memory": settings.spark.driver_memory,
+        "spark.sql.execution.arrow.pyspark.enabled": "true",
+    }
+    conf.update(settings.spark.conf)
+    return conf
+
+
+def get_spark(settings: Settings, app_name: str | None = None) -> SparkSession:
+    """Create (or reuse) the session for ``settings``; Java is checked with a clear error."""
+    from pyspark.sql import SparkSession
+
+    if not os.environ.get("JAVA_HOME") and not _which("java"):
+        raise RuntimeError("Java not found: Spark needs a JDK 17+ (apt-get install openjdk-17-jdk-headless)")
+    builder = SparkSession.builder.master(settings.spark.master).appName(app_name or settings.spark.app_name)
+    for key, value in spark_conf(settings).items():
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("WARN")
+    return spark
+
+
+def _which(cmd: str) -> str | None:
+    from shutil import which
+
+    return which(cmd)
+
+
+# ---- Delta helpers -------------------------------------------------------------------------
+
+
+def table_exists(spark: SparkSession, table: Table, settings: Settings) -> bool:
+    from delta.tables import DeltaTable
+
+    return DeltaTable.isDeltaTable(spark, table.uri(settings))
+
+
+def ensure_table(spark: SparkSession, table: Table, settings: Settings) -> None:
+    """Create the empty table with its catalogued schema if it does not exist yet."""
+    from delta.tables import DeltaTable
+
+    if table_exists(spark, table, settings):
+        return
+    builder = DeltaTable.createIfNotExists(spark).location(table.uri(settings)).addColumns(table.spark_schema())
+    if table.partition_by:
+        builder = builder.partitionedBy(*table.partition_by)
+    if table.cluster_by:
+        builder = builder.clusterBy(*table.cluster_by)
+    builder = builder.property("delta.enableChangeDataFeed", "true")
+    for key, value in table.properties.items():
+        builder = builder.property(key, value)
+    builder.execute()
+
+
+def read_table(spark: SparkSession, table: Table, settings: Settings, version: int | None = None) -> DataFrame:
+    """Read a table (at a pinned version when given); a missing table reads as empty."""
+    if not table_exists(spark, table, settings):
+        return spark.createDataFrame([], table.spark_schema())
+    reader = spark.read.format("delta")
+    if version is not None:
+        reader = reader.option("versionAsOf", version)
+    return reader.load(table.uri(settings))
+
+
+def current_version(spark: SparkSession, table: Table, settings: Settings) -> int | None:
+    from delta.tables import DeltaTable
+
+    if not table_exists(spark, table, settings):
+        return None
+    row = DeltaTable.forPath(spark, table.uri(settings)).history(1).select("version").first()
+    return int(row["version"]) if row else None
+
+
+def conform(df: DataFrame, table: Table) -> DataFrame:
+    """Select and cast ``df``'s columns to the table's schema, in order; missing columns fail."""
+    from pyspark.sql import functions as F
+
+    missing = [c for c in table.column_names if c not in df.columns]
+    if missing:
+        raise ValueError(f"{table.full_name}: DataFrame lacks columns {missing}")
+    schema = table.spark_schema()
+    return df.select([F.col(f.name).cast(f.dataType).alias(f.name) for f in schema.fields])
+
+
+def merge_insert_new(spark: SparkSession, df: DataFrame, table: Table, settings: Settings) -> None:
+    """Insert rows whose merge keys are not in the table yet (re-running adds nothing)."""
+    from delta.tables import DeltaTable
+
+    ensure_table(spark, table, settings)
+    (
+        DeltaTable.forPath(spark, table.uri(settings)).alias("t")
+        .merge(conform(df, table).alias("s"), table.merge_condition())
+        .whenNotMatchedInsertAll()
+        .execute()
+    )
+
+
+def merge_upsert(spark: SparkSession, df: DataFrame, table: Table, settings: Settings,
+                 compare: list[str] | None = None) -> None:
+    """Upsert on the merge keys; a matched row is rewritten only if a ``compare`` column changed,
+    so re-running with the same content leaves files untouched."""
+    from delta.tables import DeltaTable
+
+    ensure_table(spark, table, settings)
+    compare = compare or [c for c in table.column_names if c not in table.merge_keys and c != "run_id"]
+    changed = " OR ".join(f"NOT (t.`{c}` <=> s.`{c}`)" for c in compare) or "false"
+    (
+        DeltaTable.forPath(spark, table.uri(settings)).alias("t")
+        .merge(conform(df, table).alias("s"), table.merge_condition())
+        .whenMatchedUpdateAll(condition=changed)
+        .whenNotMatchedInsertAll()
+        .execute()
+    )
+
+
+def delete_keys(spark: SparkSession, keys: DataFrame, table: Table, settings: Settings) -> None:
+    """Delete the rows whose merge keys appear in ``keys``."""
+    from delta.tables import DeltaTable
+
+    if not table_exists(spark, table, settings):
+        return
+    (
+        DeltaTable.forPath(spark, table.uri(settings)).alias("t")
+        .merge(keys.select(*table.merge_keys).distinct().alias("s"), table.merge_condition())
+        .whenMatchedDelete()
+        .execute()
+    )

@@ -1,0 +1,38 @@
+"""Shared fixtures: one Spark session per test process (JVM start is the slow part), a fresh
+lake root per test, and the embedded sample's paths."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from jzlake.settings import Settings, load_settings
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "data" / "sample"
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    """Default settings with the lake (and run reports) under ``tmp_path``."""
+    base: dict[str, Any] = {"lake": {"root": str(tmp_path / "lake"), "runs_dir": str(tmp_path / "runs")}}
+    for key, value in overrides.items():
+        base[key] = value
+    return load_settings(overrides=base, environ={})
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return make_settings(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def spark() -> Iterator[Any]:
+    from spark_jobs.session import get_spark
+
+    session = get_spark(load_settings(environ={}), app_name="jzlake-tests")
+    yield session
+    session.stop()
