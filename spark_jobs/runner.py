@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from jzlake.lineage import new_run_id
+from jzlake.runs import write_stage_summary
 from jzlake.settings import load_settings
 
 StageFn = Callable[..., dict[str, Any]]
@@ -30,6 +31,8 @@ def job_main(stage: StageFn, name: str, argv: Sequence[str] | None = None) -> in
     from spark_jobs.session import get_spark
 
     spark = get_spark(settings, app_name=f"jzlake-{name}")
-    summary = stage(spark, settings, args.run_id or new_run_id(name))
+    run_id = args.run_id or new_run_id(name)
+    summary = stage(spark, settings, run_id)
+    summary["summary_path"] = write_stage_summary(settings, run_id, name, summary)
     print(json.dumps(summary, sort_keys=True, default=str))
     return 0
