@@ -86,7 +86,8 @@ def run_curation(spark: SparkSession, settings: Settings, run_id: str) -> dict[s
         write_stage_summary(settings, run_id, name, stages[name])
     report_summary = report.run(spark, settings, run_id, summaries=stages)
     if not report_summary["balanced"]:
-        raise RuntimeError(f"curation run {run_id}: record counts do not reconcile; see {report_summary['report_json']}")
+        raise RuntimeError(
+            f"curation run {run_id}: record counts do not reconcile; see {report_summary['report_json']}")
     tables = {name: describe_table(catalogue.table(name), settings) for name in CURATION_TABLES}
     return summarize(run_id, stages, report_summary, tables)
 

@@ -90,12 +90,16 @@ def collect_figures(spark: SparkSession, settings: Settings, run_id: str) -> dic
     silver, dropped = table("silver.documents"), table("silver.dropped")
     clusters, corpus = table("silver.duplicate_clusters"), table("gold.corpus")
     cluster_sizes = clusters.where(F.col("is_survivor")).groupBy("cluster_size").count()
+
+    def this_run(name: str) -> DataFrame:
+        return table(name).where(F.col("run_id") == run_id)
+
     return {
         "this_run": {
-            "new_documents_by_source": grouped_counts(table("bronze.documents").where(F.col("run_id") == run_id), "source"),
-            "quarantine_by_reason": grouped_counts(table("bronze.quarantine").where(F.col("run_id") == run_id), "source", "reason"),
-            "dropped_by_source_reason": grouped_counts(dropped.where(F.col("run_id") == run_id), "source", "primary_reason"),
-            "kept_by_source": grouped_counts(silver.where(F.col("run_id") == run_id), "source"),
+            "new_documents_by_source": grouped_counts(this_run("bronze.documents"), "source"),
+            "quarantine_by_reason": grouped_counts(this_run("bronze.quarantine"), "source", "reason"),
+            "dropped_by_source_reason": grouped_counts(this_run("silver.dropped"), "source", "primary_reason"),
+            "kept_by_source": grouped_counts(this_run("silver.documents"), "source"),
         },
         "corpus": {
             "gold_by_source": grouped_counts(corpus, "source"),
@@ -108,7 +112,8 @@ def collect_figures(spark: SparkSession, settings: Settings, run_id: str) -> dic
             "dropped_words": histogram(dropped, "n_words", LENGTH_BINS),
             "score_bins": SCORE_BINS,
             "quality_score": histogram(silver, "quality_score", SCORE_BINS),
-            "math_density": histogram(silver.withColumn("md", F.least(F.col("math_density"), F.lit(0.999))), "md", SCORE_BINS),
+            "math_density": histogram(
+                silver.withColumn("md", F.least(F.col("math_density"), F.lit(0.999))), "md", SCORE_BINS),
         },
     }
 
