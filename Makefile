@@ -34,8 +34,10 @@ jars: java-check $(VENV)/.installed
 demo: setup
 	$(PY) -m jzlake.demo
 
+# pytest exits 5 when it collected nothing: a suite that runs no test must not pass.
 test: setup
-	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+	@$(VENV)/bin/pytest -q --durations=15 $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 test-fast: setup
 	$(VENV)/bin/pytest -q -m "not slow and not airflow and not spark" $(PYTEST_ARGS)
