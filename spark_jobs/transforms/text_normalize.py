@@ -36,12 +36,13 @@ MATH_ENVIRONMENTS = (
     "equation", "align", "alignat", "flalign", "gather", "multline", "eqnarray", "displaymath",
     "math", "split", "array", "matrix", "pmatrix", "bmatrix", "vmatrix", "Vmatrix", "cases",
     "tikzcd", "xy",
+    "prooftree",  # bussproofs derivations: formulas laid out as a tree, i.e. displayed math
 )
 MATH_SPAN_RE = re.compile(
     r"\$\$(?:[^$\\]|\\.)+?\$\$"                          # $$ display $$
     r"|(?<![\\$])\$(?:[^$\\\n]|\\.|\n(?![ \t]*\n))+?\$"  # $ inline $ (never across a blank line)
-    r"|\\\[.+?\\\]"                                      # \[ display \]
-    r"|\\\(.+?\\\)"                                      # \( inline \)
+    r"|(?<!\\)\\\[.+?\\\]"                               # \[ display \] (not the \\[2pt] break)
+    r"|(?<!\\)\\\(.+?\\\)"                               # \( inline \)
     r"|\\begin\{(" + "|".join(MATH_ENVIRONMENTS) + r")(\*?)\}.*?\\end\{\1\2\}",
     re.DOTALL,
 )
@@ -99,17 +100,12 @@ def normalize_unicode(text: str) -> str:
     return _CONTROL_RE.sub("", text)
 
 
-_INNER_SPACES_RE = re.compile(r"(?<=\S)[ \t]{2,}")
-
-
 def normalize_whitespace(text: str) -> str:
-    """Trim line ends, collapse runs of inner spaces, at most one blank line in a row.
+    """Trim line ends and the document, at most one blank line in a row.
 
-    Leading indentation is kept (code and aligned LaTeX read better with it); math spans are
-    left untouched so multi-line displays keep their layout."""
-    text = map_outside_math(text, lambda s: _INNER_SPACES_RE.sub(" ", s.expandtabs(4)))
-    lines = [line.rstrip() for line in text.split("\n")]
-    text = "\n".join(lines)
+    Inner spaces and indentation are left alone: they matter in code blocks and aligned
+    displays, and the HTML converter already collapsed the soft whitespace of prose."""
+    text = "\n".join(line.rstrip() for line in text.split("\n"))
     text = re.sub(r"\n{3,}", "\n\n", text)
     return text.strip("\n").strip()
 
@@ -293,11 +289,24 @@ def latex_to_text(source: str) -> str:
 
     source = _VERBATIM_RE.sub(stash, source)
     source = _COMMENT_ENV_RE.sub("", source)
-    source = _TEX_COMMENT_RE.sub(lambda m: m.group(1), source)
+    source = _TEX_COMMENT_RE.sub(_strip_comment, source)
     source = _body_only(source)
-    source = map_outside_math(source, _drop_noise_commands)
+    # On the whole body, math included: a definition body may hold $…$, and \label or \vspace inside
+    # a display are layout noise too.
+    source = _drop_noise_commands(source)
     source = _OLP_TEMPLATE_RE.sub(_render_template, source)
     return re.sub(r"\x00V(\d+)\x00", lambda m: verbatim[int(m.group(1))], source)
+
+
+def _strip_comment(match: re.Match[str]) -> str:
+    # Joining lines must not glue a control word to the next letter (\selectfont%⏎Text).
+    before = match.string[max(0, match.start() - 40):match.start()] + match.group(1)
+    after = match.string[match.end():match.end() + 1]
+    glue = " " if after.isalpha() and _CONTROL_WORD_END_RE.search(before) else ""
+    return match.group(1) + glue
+
+
+_CONTROL_WORD_END_RE = re.compile(r"(?<!\\)\\[A-Za-z@]+$")
 
 
 def _body_only(source: str) -> str:
@@ -322,8 +331,15 @@ def _drop_noise_commands(text: str) -> str:
     for match in _NOISE_RE.finditer(text):
         if match.start() < pos:
             continue  # inside something already removed
-        out.append(text[pos:match.start()])
-        pos = _skip_arguments(text, match.end(), _NOISE_COMMANDS[match.group(1)])
+        start, end = match.start(), _skip_arguments(text, match.end(), _NOISE_COMMANDS[match.group(1)])
+        # A command alone on its line takes the line with it (no phantom paragraph breaks).
+        line_start = text.rfind("\n", 0, start) + 1
+        line_end = text.find("\n", end)
+        line_end = len(text) if line_end < 0 else line_end
+        if line_start >= pos and not text[line_start:start].strip() and not text[end:line_end].strip():
+            start, end = line_start, min(line_end + 1, len(text))
+        out.append(text[pos:start])
+        pos = end
     out.append(text[pos:])
     return "".join(out)
 
