@@ -1,0 +1,381 @@
+"""The generation engine: ledger + budget around any backend — exactly-once, resumable, capped.
+
+``run_generation(requests, backend, ledger, budget) -> GenerationReport``
+
+1. deduplicate the requests by key and read the ledger: keys that already succeeded are
+   skipped (the server never sees them again), everything else gets a ``pending`` row;
+2. hand the backend a lazy iterator whose every ``next()`` first reserves the request's worst
+   case in the budget — the first refusal ends the iterator, so nothing over a cap is sent;
+3. record every response in the ledger as it arrives (buffered, flushed every N rows or T
+   seconds), settle its reservation with the real token counts and cost;
+4. report: sent, succeeded, failed, skipped as done, not sent because of the budget, tokens, cost.
+
+``run_batch_generation`` is the same contract for the Batch API, where the send is a batch:
+the batch id is written to the ledger before any polling, and a rerun resumes stored batches
+instead of submitting them again.
+
+Also runnable: ``python -m models.generation.engine --requests FILE.jsonl ...`` (one request per
+line, ``GenerationRequest.to_dict`` form); the last stdout line is the JSON report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from models.generation.budget import Budget, Reservation
+from models.generation.ledger import FAILED, SUBMITTED, SUBMITTING, SUCCEEDED, Ledger
+from models.generation.types import Backend, GenerationRequest, GenerationResponse
+
+if TYPE_CHECKING:
+    from jzlake.settings import Settings
+    from models.generation.backends.openai_batch import BatchState, OpenAIBatchBackend
+
+log = logging.getLogger("jzlake.generation.engine")
+
+# Which budget guards which ledger (settings path, used in messages too).
+BUDGETS = {"gold.kd_requests": "teacher_budget", "gold.synthetic_requests": "synthesis_budget"}
+
+
+@dataclass
+class GenerationReport:
+    """What one run did; ``as_dict`` is the JSON summary line of the CLIs."""
+
+    run_id: str = ""
+    backend: str = ""
+    ledger: str = ""
+    requested: int = 0
+    unique: int = 0
+    duplicates_in_input: int = 0
+    skipped_done: int = 0
+    sent: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    not_sent_budget: int = 0
+    unanswered: int = 0  # sent, but the backend ended without an answer (left pending)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    attempts: int = 0
+    retried: int = 0  # responses that needed more than one HTTP attempt
+    budget_exhausted: bool = False
+    message: str | None = None
+    batches: list[str] = field(default_factory=list)
+    batches_created: int = 0
+    batches_resumed: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+    ledger_flushes: int = 0
+    ledger_seconds: float = 0.0
+
+    def add(self, response: GenerationResponse, cost: float) -> None:
+        if response.ok:
+            self.succeeded += 1
+        else:
+            self.failed += 1
+            kind = (response.error or "unknown").split(":")[0][:60]
+            self.errors[kind] = self.errors.get(kind, 0) + 1
+        self.prompt_tokens += response.prompt_tokens
+        self.completion_tokens += response.completion_tokens
+        self.cost_usd += cost
+        self.attempts += response.attempts
+        self.retried += int(response.attempts > 1)
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["cost_usd"] = round(self.cost_usd, 6)
+        data["elapsed_s"] = round(self.elapsed_s, 3)
+        data["ledger_seconds"] = round(self.ledger_seconds, 3)
+        return data
+
+
+def dedupe(requests: Iterable[GenerationRequest]) -> tuple[list[GenerationRequest], int]:
+    """Unique requests by key, first occurrence kept, plus how many repeats were dropped."""
+    seen: dict[str, GenerationRequest] = {}
+    total = 0
+    for request in requests:
+        total += 1
+        seen.setdefault(request.key, request)
+    return list(seen.values()), total - len(seen)
+
+
+def budget_for(settings: Settings, ledger: Ledger, backend_name: str = "openai") -> Budget:
+    """The caps that guard ``ledger`` (teacher or synthesis), seeded with what it already spent."""
+    section = BUDGETS.get(ledger.table.full_name, "synthesis_budget")
+    config = settings.generation
+    factor = config.batch_price_factor if backend_name == "openai-batch" else 1.0
+    return Budget.from_settings(getattr(config, section), config.prices, spent=ledger.spent(),
+                                price_factor=factor, label=f"generation.{section}")
+
+
+def _start(requests: Iterable[GenerationRequest], backend: Backend, ledger: Ledger,
+           budget: Budget) -> tuple[GenerationReport, list[GenerationRequest]]:
+    """Common first steps: dedupe, skip done keys, check prices, write pending rows."""
+    unique, duplicates = dedupe(requests)
+    report = GenerationReport(run_id=ledger.run_id, backend=getattr(backend, "name", type(backend).__name__),
+                              ledger=ledger.table.full_name, requested=len(unique) + duplicates,
+                              unique=len(unique), duplicates_in_input=duplicates)
+    state = ledger.state()
+    todo = [r for r in unique if r.key not in state or state[r.key].status != SUCCEEDED]
+    report.skipped_done = len(unique) - len(todo)
+    budget.check_models({r.model for r in todo})
+    ledger.add_pending(todo)
+    return report, todo
+
+
+def _finish(report: GenerationReport, ledger: Ledger, budget: Budget, started: float) -> GenerationReport:
+    report.elapsed_s = time.perf_counter() - started
+    report.ledger_flushes = int(ledger.stats["flushes"])
+    report.ledger_seconds = float(ledger.stats["flush_seconds"] + ledger.stats["record_seconds"])
+    if budget.exhausted:
+        report.budget_exhausted = True
+        report.message = (f"{budget.exhausted}; {report.not_sent_budget} requests not sent (still pending "
+                          "in the ledger) — raise the cap to continue; keys already done will not be re-sent")
+        log.warning(report.message)
+    return report
+
+
+def run_generation(requests: Iterable[GenerationRequest], backend: Backend, ledger: Ledger, budget: Budget,
+                   *, progress_every: int = 100) -> GenerationReport:
+    """Generate every request not yet succeeded in ``ledger``, within ``budget``; see module doc."""
+    if getattr(backend, "name", "") == "openai-batch":
+        return run_batch_generation(requests, backend, ledger, budget)  # type: ignore[arg-type]
+    started = time.perf_counter()
+    report, todo = _start(requests, backend, ledger, budget)
+    by_key = {r.key: r for r in todo}
+    reservations: dict[str, Reservation] = {}
+
+    def gated() -> Iterator[GenerationRequest]:
+        # Runs wherever the backend pulls (its own thread for ``openai``): reserve, then release
+        # the request to be sent. Returning ends the stream; in-flight requests still finish.
+        for request in todo:
+            reservation = budget.reserve(request)
+            if reservation is None:
+                return
+            reservations[request.key] = reservation
+            report.sent += 1
+            yield request
+
+    ledger.start_autoflush()
+    try:
+        for response in backend.generate(gated()):
+            request, reservation = by_key.get(response.key), reservations.pop(response.key, None)
+            if request is None or reservation is None:
+                log.warning("backend %s answered key %s that was not sent in this run; ignored",
+                            report.backend, response.key)
+                continue
+            ok = response.ok
+            cost = budget.settle(reservation, response.prompt_tokens if ok else 0,
+                                 response.completion_tokens if ok else 0)
+            ledger.record(request, response, cost)
+            report.add(response, cost)
+            if progress_every and (report.succeeded + report.failed) % progress_every == 0:
+                log.info("%d/%d answered (%d failed)", report.succeeded + report.failed, len(todo), report.failed)
+    finally:
+        for reservation in reservations.values():  # sent, never answered: stays pending, re-sent next run
+            budget.release(reservation)
+        report.unanswered = len(reservations)
+        ledger.close()
+    report.not_sent_budget = len(todo) - report.sent
+    return _finish(report, ledger, budget, started)
+
+
+# ---- Batch API ------------------------------------------------------------------------------
+
+def run_batch_generation(requests: Iterable[GenerationRequest], backend: OpenAIBatchBackend, ledger: Ledger,
+                         budget: Budget, *, wait: bool = True, poll_interval_s: float | None = None,
+                         timeout_s: float | None = None, metadata: dict[str, str] | None = None,
+                         sleep: Callable[[float], None] = time.sleep) -> GenerationReport:
+    """Submit what is not done as Batch API batches, resume stored batches, collect results.
+
+    With ``wait=False`` it returns after submission (``report.batches`` lists the ids to poll:
+    an Airflow sensor/trigger calls ``backend.poll`` and then ``collect_batch``).
+    """
+    started = time.perf_counter()
+    report, todo = _start(requests, backend, ledger, budget)
+    state = ledger.state()
+    submitted: dict[str, list[GenerationRequest]] = {}
+    uploaded: dict[str, list[GenerationRequest]] = {}
+    fresh: list[GenerationRequest] = []
+    for request in todo:
+        entry = state[request.key]
+        if entry.status == SUBMITTED and entry.batch_id:
+            submitted.setdefault(entry.batch_id, []).append(request)
+        elif entry.status == SUBMITTING and entry.batch_input_file_id:
+            uploaded.setdefault(entry.batch_input_file_id, []).append(request)
+        else:
+            fresh.append(request)
+    metadata = {"jzlake_ledger": ledger.table.full_name, "jzlake_run_id": ledger.run_id, **(metadata or {})}
+    reservations: dict[str, Reservation] = {}
+    try:
+        report.batches_resumed = len(submitted)
+        # Uploaded but the batch id never reached the ledger: find the batch, or create it once.
+        for file_id, group in uploaded.items():
+            batch_id = backend.find_batch_for_file(file_id)
+            if batch_id is None:
+                batch_id = backend.create(file_id, metadata)
+                report.batches_created += 1
+            else:
+                report.batches_resumed += 1
+            ledger.mark_batch(group, SUBMITTED, input_file_id=file_id, batch_id=batch_id)
+            submitted[batch_id] = group
+        for group in submitted.values():  # already paid for: hold their tokens, no new call
+            for request in group:
+                reservation = budget.reserve(request, count_call=False, force=True)
+                assert reservation is not None
+                reservations[request.key] = reservation
+        accepted: list[GenerationRequest] = []
+        for request in fresh:
+            reservation = budget.reserve(request)
+            if reservation is None:
+                break
+            reservations[request.key] = reservation
+            accepted.append(request)
+        report.not_sent_budget = len(fresh) - len(accepted)
+        size = max(1, backend.max_requests_per_batch)
+        for start in range(0, len(accepted), size):
+            chunk = accepted[start:start + size]
+            file_id = backend.upload(chunk)
+            ledger.mark_batch(chunk, SUBMITTING, input_file_id=file_id, calls=1)
+            batch_id = backend.create(file_id, metadata)
+            ledger.mark_batch(chunk, SUBMITTED, input_file_id=file_id, batch_id=batch_id)  # before any poll
+            submitted[batch_id] = chunk
+            report.batches_created += 1
+            report.sent += len(chunk)
+        report.batches = sorted(submitted)
+        if wait:
+            for batch_id, group in submitted.items():
+                batch = backend.wait(batch_id, poll_interval_s, timeout_s, sleep=sleep)
+                collect_batch(backend, ledger, budget, batch, group, reservations=reservations, report=report)
+    finally:
+        for reservation in reservations.values():
+            budget.release(reservation)
+        ledger.close()
+    return _finish(report, ledger, budget, started)
+
+
+def collect_batch(backend: OpenAIBatchBackend, ledger: Ledger, budget: Budget, batch: BatchState,
+                  requests: Sequence[GenerationRequest], *, reservations: dict[str, Reservation] | None = None,
+                  report: GenerationReport | None = None) -> GenerationReport:
+    """Record a terminal batch's results in the ledger (the step after a deferred poll)."""
+    report = report if report is not None else GenerationReport(
+        run_id=ledger.run_id, backend=backend.name, ledger=ledger.table.full_name)
+    by_key = {r.key: r for r in requests}
+    state = ledger.state()
+    for response in backend.results(batch, by_key):
+        entry = state.get(response.key)
+        if entry is not None and entry.status == SUCCEEDED:
+            continue  # collected before (a rerun of the collect step)
+        request = by_key[response.key]
+        ok = response.ok
+        prompt_tokens, completion_tokens = (response.prompt_tokens, response.completion_tokens) if ok else (0, 0)
+        reservation = (reservations or {}).pop(response.key, None)
+        if reservation is not None:
+            cost = budget.settle(reservation, prompt_tokens, completion_tokens)
+        else:
+            cost = budget.cost(request.model, prompt_tokens, completion_tokens)
+        ledger.record(request, response, cost, calls=0)  # the call was counted when submitted
+        report.add(response, cost)
+    ledger.flush()
+    return report
+
+
+# ---- CLI (subprocess runs, benchmarks) --------------------------------------------------------
+
+def read_requests(path: str | Path) -> list[GenerationRequest]:
+    """Requests from a JSONL file written with ``GenerationRequest.to_dict``."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    requests = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            requests.append(GenerationRequest.from_dict(json.loads(line)))
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ValueError(f"{path}:{number}: not a GenerationRequest ({exc}); write lines with "
+                             "GenerationRequest.to_dict()") from exc
+    return requests
+
+
+def write_requests(path: str | Path, requests: Iterable[GenerationRequest]) -> None:
+    Path(path).write_text("".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in requests),
+                          encoding="utf-8")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m models.generation.engine", description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", required=True, help="JSONL file of GenerationRequest.to_dict() lines")
+    parser.add_argument("--ledger", default="gold.kd_requests", choices=sorted(BUDGETS), help="ledger table")
+    parser.add_argument("--config", help="YAML settings file")
+    parser.add_argument("--lake-root", help="lake root (overrides the config)")
+    parser.add_argument("--backend", help="openai | openai-batch | vllm | transformers (default: settings)")
+    parser.add_argument("--base-url", help="OpenAI-compatible base URL (default: settings)")
+    parser.add_argument("--served-model", action="append", default=[], metavar="NAME=SERVED",
+                        help="send model NAME as SERVED (a local server wants its model path)")
+    parser.add_argument("--concurrency", type=int)
+    parser.add_argument("--timeout-s", type=float, help="per-request timeout")
+    parser.add_argument("--max-retries", type=int)
+    parser.add_argument("--max-calls", type=int, help="override the ledger's call cap")
+    parser.add_argument("--max-tokens", type=int, help="override the ledger's token cap")
+    parser.add_argument("--max-usd", type=float, help="override the ledger's USD cap")
+    parser.add_argument("--flush-every", type=int, help="ledger flush every N responses")
+    parser.add_argument("--flush-seconds", type=float, help="ledger flush every T seconds")
+    parser.add_argument("--poll-interval-s", type=float, help="Batch API poll interval")
+    parser.add_argument("--no-wait", action="store_true", help="Batch API: submit and return")
+    parser.add_argument("--run-id", help="run id stamped on ledger rows (default: a new one)")
+    return parser
+
+
+def settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    generation: dict[str, Any] = {}
+    for flag, name in (("backend", "backend"), ("base_url", "base_url"), ("concurrency", "concurrency"),
+                       ("timeout_s", "request_timeout_s"), ("max_retries", "max_retries"),
+                       ("flush_every", "ledger_flush_every"), ("flush_seconds", "ledger_flush_seconds"),
+                       ("poll_interval_s", "batch_poll_interval_s")):
+        if getattr(args, flag) is not None:
+            generation[name] = getattr(args, flag)
+    if args.served_model:
+        from jzlake.cli import parse_key_values
+
+        generation["served_models"] = parse_key_values(args.served_model, "--served-model")
+    caps = {k: getattr(args, k) for k in ("max_calls", "max_tokens", "max_usd") if getattr(args, k) is not None}
+    if caps:
+        generation[BUDGETS[args.ledger]] = caps
+    overrides: dict[str, Any] = {"generation": generation} if generation else {}
+    if args.lake_root:
+        overrides["lake"] = {"root": args.lake_root}
+    return overrides
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from jzlake.settings import load_settings
+    from models.generation.backends import make_backend
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    settings = load_settings(args.config, overrides=settings_overrides(args))
+    backend = make_backend(settings)
+    ledger = Ledger.open(settings, args.ledger, run_id=args.run_id, backend=backend.name)
+    budget = budget_for(settings, ledger, backend.name)
+    requests = read_requests(args.requests)
+    if backend.name == "openai-batch":
+        report = run_batch_generation(requests, backend, ledger, budget, wait=not args.no_wait)  # type: ignore[arg-type]
+    else:
+        report = run_generation(requests, backend, ledger, budget)
+    print(json.dumps(report.as_dict(), sort_keys=True))
+    return 0 if report.failed == 0 else 3
+
+
+__all__ = ["FAILED", "GenerationReport", "budget_for", "collect_batch", "dedupe", "read_requests",
+           "run_batch_generation", "run_generation", "write_requests"]
+
+if __name__ == "__main__":
+    sys.exit(main())
