@@ -19,6 +19,9 @@ from jzlake.settings import Settings, load_settings
 COMMANDS: dict[str, tuple[str, str]] = {
     "curate": ("spark_jobs.curate", "ingest → clean → dedupe → decontaminate → report"),
     "tables": ("jzlake.tables", "list every catalogued table with its Delta version and row count"),
+    "distil": ("models.distil", "teacher distillation: excerpts → prompts → ledgered LLM calls → gold.kd_dataset"),
+    "synthesize": ("models.synthesize", "mass synthesis, sharded and resumable → gold.synthetic_raw"),
+    "influence": ("models.influence.cli", "LESS influence scores → gold.influence_scores, gold.selected_texts"),
 }
 
 
@@ -33,14 +36,17 @@ def parse_key_values(pairs: Sequence[str] | None, flag: str) -> dict[str, str]:
     return result
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jzlake", description=__doc__.splitlines()[0])
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The CLI parser; ``command``'s own flags are added (which imports only that stage)."""
+    parser = argparse.ArgumentParser(prog="jzlake", description="JiuZhang Lake: any pipeline stage, outside Airflow.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in COMMANDS.items():
-        cmd = sub.add_parser(name, help=help_text)
+        cmd = sub.add_parser(name, help=help_text, description=help_text)
         cmd.add_argument("--config", help="YAML settings file (default: packaged defaults)")
         cmd.add_argument("--lake-root", help="lake root URI or path (overrides the config)")
         cmd.set_defaults(_module=module)
+        if name == command:
+            importlib.import_module(module).configure(cmd)
     return parser
 
 
@@ -53,14 +59,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    # Let the chosen stage add its own flags before the full parse.
-    known, _ = parser.parse_known_args(argv) if argv and argv[0] in COMMANDS else (None, None)
-    if known is not None:
-        module = importlib.import_module(known._module)
-        stage_parser = parser._subparsers._group_actions[0].choices[known.command]  # type: ignore[union-attr]
-        module.configure(stage_parser)
-    args = parser.parse_args(argv)
+    command = argv[0] if argv and argv[0] in COMMANDS else None
+    args = build_parser(command).parse_args(argv)
     module = importlib.import_module(args._module)
     summary = module.run(args, settings_from_args(args))
     print(json.dumps(summary, sort_keys=True, default=str))

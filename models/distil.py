@@ -1,0 +1,253 @@
+"""``jzlake distil``: teacher knowledge distillation → ``gold.kd_dataset`` (+ ``gold.kd_rejected``).
+
+Steps (each rerunnable; a rerun with the same inputs sends nothing and writes nothing):
+
+1. **Input** at a pinned Delta version: ``gold.selected_texts`` (the influence stage's pick)
+   when that table exists, else ``gold.corpus`` (``distil.input_table`` / ``--input`` forces
+   one). A selection without a ``text`` column is joined to ``gold.corpus`` on ``doc_id``.
+   Documents are taken in ``doc_id`` order, up to ``distil.max_documents``.
+2. **Prompts**: seeded stage choice, excerpt cut, one request per (document, template, sample)
+   with lineage (``models/generation/pipeline.py``).
+3. **Generation** through the engine with the ``gold.kd_requests`` ledger and
+   ``generation.teacher_budget`` (9,300 calls by default, the paper's total).
+4. **Parse and validate** every answered key not yet in the output tables; accepted samples go
+   to ``gold.kd_dataset`` in the training format, the rest to ``gold.kd_rejected`` with their
+   reason. Counts reconcile: requests = accepted + rejected + failed + not sent.
+
+Which teacher answers (``distil.teacher``):
+
+* ``auto`` (default): the configured ``generation.teacher_model`` (a GPT-4-class model) when an
+  API key resolves (``generation.api_key_env`` / ``api_key_conn_id``); **without a key, the
+  local tiny model** (``distil.local_teacher_model`` at ``generation.base_url``, the
+  ``transformers serve`` of ``make llm-up``) — the summary and the log say so, and every row's
+  ``model_name`` is the tiny model's, so demo output can never pass for teacher output;
+* ``configured``: always the configured model (e.g. an open model on a keyless vLLM server);
+* ``local``: always the local model.
+
+Paper defaults: CoT temperature 1.0, tool temperature 0.1 / top-p 0.95, 2,500 new tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from jzlake import catalogue
+from jzlake.lineage import new_run_id
+from models.generation.pipeline import (
+    SourceDocument,
+    existing_outcomes,
+    ledger_answers,
+    ledger_rows,
+    parse_outcomes,
+    plan_requests,
+    reconcile,
+    sample_rows,
+    sandbox_limits,
+    summary,
+    with_served_models,
+    write_samples,
+)
+from models.generation.prompt_library import templates_for
+
+if TYPE_CHECKING:
+    from jzlake.settings import Settings
+
+log = logging.getLogger("jzlake.distil")
+
+LEDGER = "gold.kd_requests"
+ACCEPTED = "gold.kd_dataset"
+REJECTED = "gold.kd_rejected"
+SELECTED = "gold.selected_texts"
+CORPUS = "gold.corpus"
+
+
+# ---- settings overrides from flags -----------------------------------------------------------
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input", choices=("auto", SELECTED, CORPUS), help="input table (default: settings)")
+    parser.add_argument("--input-version", type=int, help="Delta version of the input (default: latest)")
+    parser.add_argument("--max-documents", type=int, help="use at most N documents (doc_id order)")
+    parser.add_argument("--teacher", choices=("auto", "configured", "local"), help="which model answers")
+    parser.add_argument("--backend", help="generation backend (default: generation.backend)")
+    parser.add_argument("--base-url", help="OpenAI-compatible endpoint (default: generation.base_url)")
+    parser.add_argument("--max-calls", type=int, help="teacher call cap (default: generation.teacher_budget)")
+    parser.add_argument("--max-new-tokens", type=int, help="max new tokens for every request (tests, demos)")
+    parser.add_argument("--samples-per-prompt", type=int)
+    parser.add_argument("--run-id", help="run id stamped on rows (default: a new one)")
+
+
+def apply_overrides(settings: Settings, args: argparse.Namespace) -> Settings:
+    """Settings with the stage's flags applied (validated again)."""
+    from jzlake.settings import Settings, deep_merge
+
+    distil: dict[str, Any] = {}
+    generation: dict[str, Any] = {}
+    if getattr(args, "input", None):
+        distil["input_table"] = args.input
+    if getattr(args, "max_documents", None) is not None:
+        distil["max_documents"] = args.max_documents
+    if getattr(args, "teacher", None):
+        distil["teacher"] = args.teacher
+    if getattr(args, "samples_per_prompt", None):
+        distil["samples_per_prompt"] = args.samples_per_prompt
+    if getattr(args, "max_new_tokens", None):
+        distil["cot_sampling"] = {"max_tokens": args.max_new_tokens}
+        distil["tool_sampling"] = {"max_tokens": args.max_new_tokens}
+    if getattr(args, "backend", None):
+        generation["backend"] = args.backend
+    if getattr(args, "base_url", None):
+        generation["base_url"] = args.base_url
+    if getattr(args, "max_calls", None) is not None:
+        generation["teacher_budget"] = {"max_calls": args.max_calls}
+    update = {k: v for k, v in (("distil", distil), ("generation", generation)) if v}
+    return Settings.model_validate(deep_merge(settings.model_dump(), update)) if update else settings
+
+
+# ---- which teacher -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Teacher:
+    model: str            # logical name: ledger key, prices, rows' model_name
+    model_uri: str        # where it is served
+    model_version: str | None
+    local: bool
+    note: str
+    served_models: dict[str, str]
+
+
+def choose_teacher(settings: Settings, environ: dict[str, str] | None = None) -> Teacher:
+    """The model that answers this run (see module docstring); never exposes the key."""
+    from models.generation.backends import resolve_api_key
+
+    config = settings.generation
+    mode = settings.distil.teacher
+    has_key = resolve_api_key(settings, environ) is not None
+    if mode == "configured" or (mode == "auto" and has_key):
+        return Teacher(config.teacher_model, config.base_url, None, False,
+                       f"teacher {config.teacher_model} at {config.base_url}", dict(config.served_models))
+    local = settings.distil.local_teacher_model
+    served = dict(config.served_models)
+    version = None
+    if local not in served:
+        from models.tiny import ensure_tiny_model, weights_sha256
+
+        model_dir = ensure_tiny_model(settings)
+        served[local] = str(Path(model_dir).resolve())
+        version = weights_sha256(Path(model_dir))[:16]
+    why = "no API key configured" if mode == "auto" else "distil.teacher = local"
+    note = (f"{why} ({config.api_key_env or config.api_key_conn_id or 'none'} unset): the LOCAL model "
+            f"{local!r} at {config.base_url} answers instead of {config.teacher_model} — plumbing/demo "
+            "output only, not teacher-quality data")
+    return Teacher(local, served.get(local, config.base_url), version, True, note, served)
+
+
+# ---- input -------------------------------------------------------------------------------------
+
+def _catalogued(name: str) -> bool:
+    try:
+        catalogue.table(name)
+    except KeyError:
+        return False
+    return True
+
+
+def choose_input(settings: Settings) -> str:
+    """``gold.selected_texts`` when configured so or (auto) when it exists, else ``gold.corpus``."""
+    from models import lake_io
+
+    wanted = settings.distil.input_table
+    if wanted != "auto":
+        return wanted
+    if _catalogued(SELECTED) and lake_io.current_version(settings, SELECTED) is not None:
+        return SELECTED
+    return CORPUS
+
+
+def read_documents(settings: Settings, table_name: str, version: int | None,
+                   limit: int | None) -> tuple[list[SourceDocument], int, dict[str, Any]]:
+    """Documents (doc_id order) from the input table at ``version``; a selection without text
+    is joined to ``gold.corpus`` (latest version, recorded)."""
+    from models import lake_io
+
+    columns = catalogue.table(table_name).column_names
+    wanted = [c for c in ("doc_id", "source", "text") if c in columns]
+    rows, read_version = lake_io.read_table_at(settings, table_name, version, wanted)
+    info: dict[str, Any] = {"input_table": table_name, "input_version": read_version}
+    data = rows.to_pydict()
+    ids = sorted(set(data["doc_id"]))
+    if limit is not None:
+        ids = ids[:limit]
+    if "text" not in data:
+        corpus, corpus_version = lake_io.read_table_at(settings, CORPUS, None, ["doc_id", "source", "text"])
+        info["corpus_version"] = corpus_version
+        data = corpus.to_pydict()
+    by_id = {d: (s, t) for d, s, t in zip(data["doc_id"], data.get("source", [None] * len(data["doc_id"])),
+                                          data["text"], strict=True)}
+    missing = [d for d in ids if d not in by_id]
+    if missing:
+        raise RuntimeError(f"{len(missing)} selected doc_ids (e.g. {missing[:3]}) are not in {CORPUS}; rerun "
+                           "the selection against the current corpus")
+    return [SourceDocument(d, *by_id[d]) for d in ids], read_version, info
+
+
+# ---- the stage ---------------------------------------------------------------------------------
+
+def distil(settings: Settings, run_id: str | None = None, *, input_version: int | None = None,
+           environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run the whole stage; returns the JSON summary (see module docstring)."""
+    from models.generation.backends import make_backend
+    from models.generation.engine import budget_for, run_generation
+    from models.generation.ledger import Ledger
+
+    run_id = run_id or new_run_id("distil")
+    config = settings.distil
+    teacher = choose_teacher(settings, environ)
+    (log.warning if teacher.local else log.info)("distil: %s", teacher.note)
+
+    table_name = choose_input(settings)
+    documents, version, input_info = read_documents(settings, table_name, input_version, config.max_documents)
+    templates = templates_for(settings.prompts, settings.home)
+    plan = plan_requests(
+        documents, model=teacher.model, templates=templates, prompts=settings.prompts,
+        cot_sampling=config.cot_sampling, tool_sampling=config.tool_sampling,
+        samples_per_prompt=config.samples_per_prompt,
+        lineage={"model_uri": teacher.model_uri, "model_version": teacher.model_version, **input_info},
+    )
+    requests = [p.request for p in plan.requests]
+    log.info("distil: %d documents from %s@v%d → %d requests (%s skipped)", plan.documents, table_name,
+             version, len(requests), dict(plan.skipped))
+
+    settings = with_served_models(settings, teacher.served_models)
+    backend = make_backend(settings)
+    ledger = Ledger.open(settings, LEDGER, run_id=run_id, backend=backend.name)
+    budget = budget_for(settings, ledger, backend.name)
+    report = run_generation(requests, backend, ledger, budget) if requests else None
+
+    keys = {r.key for r in requests}
+    answers, statuses = ledger_answers(ledger_rows(ledger), keys)
+    done = {**existing_outcomes(settings, ACCEPTED), **existing_outcomes(settings, REJECTED)}
+    rows = sample_rows(plan, answers, prompts=settings.prompts, limits=sandbox_limits(settings.sandbox),
+                       run_id=run_id, skip_keys=set(done))
+    written = write_samples(settings, rows, ACCEPTED, REJECTED)
+
+    outcome = {k: r for k, r in done.items() if k in keys} | {r["request_key"]: r["reason"] for r in rows}
+    accepted, rejected = parse_outcomes(outcome.values())
+    failed = statuses.get("failed", 0)
+    not_sent = len(keys) - statuses.get("succeeded", 0) - failed
+    reconcile(len(keys), accepted, rejected, failed, not_sent)
+    return summary("distil", run_id, teacher.note, plan, report, accepted=accepted, rejected=rejected,
+                   failed=failed, not_sent=not_sent, written=written,
+                   extra={**input_info, "teacher": teacher.model, "teacher_is_local": teacher.local})
+
+
+def run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    """CLI entry (``jzlake distil``)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = apply_overrides(settings, args)
+    return distil(settings, getattr(args, "run_id", None), input_version=getattr(args, "input_version", None))
+
+
