@@ -20,7 +20,9 @@ $(VENV)/.installed: requirements/lock.txt pyproject.toml
 	@command -v python3.11 >/dev/null || command -v python3 >/dev/null || { echo "python3.11 is required" >&2; exit 1; }
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q uv==0.13.8
-	$(UV) pip install --python $(PY) -q -r requirements/lock.txt
+	@# Bytecode is compiled at install time: with PYTHONDONTWRITEBYTECODE set, every process
+	@# would otherwise recompile torch/transformers from source (~1 min per import on 2 cores).
+	$(UV) pip install --python $(PY) -q --compile-bytecode -r requirements/lock.txt
 	$(UV) pip install --python $(PY) -q --no-deps -e .
 	touch $@
 
@@ -45,10 +47,39 @@ test-fast: setup
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
-bench: bench-curation
+bench: bench-curation bench-synthesis bench-influence
 
 bench-curation: setup
 	$(PY) -m benchmarks.bench_curation
 
+.PHONY: bench-influence tiny-model
+bench-influence: setup  ## LESS features/s: batched vs per-example loop on the tiny model (CPU; BENCH_ARGS=--device cuda)
+	$(PY) -m benchmarks.bench_influence $(BENCH_ARGS)
+
+tiny-model: setup  ## build the tiny local tokenizer + Llama into var/models/tiny-llama (done on first use anyway)
+	$(PY) -m models.tiny
+
+# Generation: a local OpenAI-compatible server (transformers serve, tiny model) on port 18300.
+.PHONY: llm-up llm-down bench-synthesis
+llm-up: setup
+	$(PY) -m models.generation.local_server up --port 18300
+
+llm-down:
+	$(PY) -m models.generation.local_server down --port 18300
+
+bench-synthesis: setup
+	$(PY) -m benchmarks.bench_synthesis
+
+# Local Airflow (scheduler + dag-processor + api-server, LocalExecutor/SQLite) on var/airflow.
+.PHONY: airflow-up airflow-down airflow-trigger
+airflow-up: setup
+	$(PY) -m plugins.airflow_local up
+
+airflow-down:
+	$(PY) -m plugins.airflow_local down
+
+airflow-trigger: setup
+	$(PY) -m plugins.airflow_local trigger corpus_curation --wait
+
 clean-lake:
-	rm -rf var/lake var/runs
+	rm -rf var/lake

@@ -28,6 +28,37 @@ if TYPE_CHECKING:  # keep pyspark/pyarrow out of import time
 # Columns every output row carries (lineage).
 RUN_ID = ("run_id", "string")
 
+# Request ledgers (generation). ``key`` = GenerationRequest.key; status: pending | submitted |
+# succeeded | failed; ``calls`` = times the engine sent the key (budget), ``attempts`` = HTTP
+# attempts including retries; ``messages`` = the exact chat sent (JSON), ``prompt`` its last user turn.
+LEDGER_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("key", "string"), ("status", "string"), ("model", "string"), ("template_id", "string"),
+    ("template_hash", "string"), ("prompt", "string"), ("messages", "string"), ("sampling", "string"),
+    ("sample_index", "long"), ("response", "string"), ("finish_reason", "string"),
+    ("prompt_tokens", "long"), ("completion_tokens", "long"), ("cost_usd", "double"),
+    ("latency_s", "double"), ("error", "string"), ("attempts", "long"), ("calls", "long"),
+    ("backend", "string"), ("batch_id", "string"), ("batch_input_file_id", "string"),
+    ("doc_id", "string"), ("excerpt_start", "long"), ("excerpt_end", "long"),
+    ("model_name", "string"), ("model_version", "string"), ("model_uri", "string"), ("seed", "long"),
+    ("lineage", "string"), RUN_ID, ("created_at", "timestamp"), ("updated_at", "timestamp"),
+)
+
+
+# Generated samples (models/distil.py, models/synthesize.py): one row per request key, with the
+# lineage of the request that produced it (source document, excerpt offsets, template, model).
+SAMPLE_LINEAGE: tuple[tuple[str, str], ...] = (
+    ("doc_id", "string"), ("source", "string"), ("excerpt_start", "long"), ("excerpt_end", "long"),
+    ("template_id", "string"), ("template_hash", "string"), ("stage", "string"), ("kind", "string"),
+    ("model_name", "string"), ("model_version", "string"), ("model_uri", "string"),
+    ("sampling", "string"), ("seed", "long"), ("sample_index", "long"),
+    ("input_table", "string"), ("input_version", "long"),
+)
+SAMPLE_CONTENT: tuple[tuple[str, str], ...] = (
+    ("text", "string"), ("problem", "string"), ("solution", "string"), ("answer", "string"),
+    ("code_output", "string"), ("copy_containment", "double"), ("finish_reason", "string"),
+    ("prompt_tokens", "long"), ("completion_tokens", "long"),
+)
+
 
 @dataclass(frozen=True)
 class Table:
@@ -147,6 +178,50 @@ TABLES: tuple[Table, ...] = (
     _t("gold", "corpus", ("doc_id",), "Clean, deduplicated, decontaminated corpus",
        ("doc_id", "string"), ("source", "string"), ("text", "string"), ("quality_score", "double"),
        ("math_density", "double"), ("n_words", "long"), RUN_ID),
+    # ---- generation ledgers: one row per request key (models/generation/ledger.py) ----------
+    _t("gold", "kd_requests", ("key",), "Teacher request ledger: one row per request key, exactly-once",
+       *LEDGER_COLUMNS),
+    _t("gold", "synthetic_requests", ("key",), "Mass-synthesis request ledger (same schema as kd_requests)",
+       *LEDGER_COLUMNS),
+    # ---- distillation and synthesis outputs (models/distil.py, models/synthesize.py) ----------
+    _t("gold", "kd_dataset", ("request_key",),
+       "Accepted teacher samples in the training format (## Question / ## Solution | ## Code Solution)",
+       ("request_key", "string"), *SAMPLE_CONTENT, *SAMPLE_LINEAGE, RUN_ID, ("created_at", "timestamp")),
+    _t("gold", "kd_rejected", ("request_key",), "Teacher replies that failed parsing/validation, with why",
+       ("request_key", "string"), ("reason", "string"), ("detail", "string"), ("response", "string"),
+       *SAMPLE_CONTENT, *SAMPLE_LINEAGE, RUN_ID, ("created_at", "timestamp")),
+    _t("gold", "synthetic_raw", ("request_key",),
+       "Every synthesizer reply, parsed; reason is null when it parsed and validated",
+       ("request_key", "string"), ("reason", "string"), ("detail", "string"), *SAMPLE_CONTENT,
+       *SAMPLE_LINEAGE, ("shard_index", "long"), ("num_shards", "long"), RUN_ID,
+       ("created_at", "timestamp")),
+    _t("gold", "synthetic_problems", ("request_key",),
+       "Synthetic problems after filtering, exact/near dedup and benchmark decontamination",
+       ("request_key", "string"), ("text", "string"), ("problem", "string"), ("solution", "string"),
+       ("answer", "string"), ("problem_hash", "string"), ("near_dup_cluster", "string"),
+       *SAMPLE_LINEAGE, ("raw_version", "long"), RUN_ID),
+    _t("gold", "synthetic_dropped", ("request_key",),
+       "Synthetic replies the filter removed: parse reason, length, duplicate or contamination",
+       ("request_key", "string"), ("reason", "string"), ("detail", "string"),
+       ("duplicate_of", "string"), ("benchmark", "string"), ("kind", "string"), ("doc_id", "string"),
+       ("raw_version", "long"), RUN_ID),
+    # ---- LESS influence selection (models/influence) ----------------------------------------
+    # One row per (run, document): runs are content-addressed (config + model + input version),
+    # so a rerun rewrites identical rows and other configurations keep their own scores.
+    _t("gold", "influence_scores", ("run_id", "doc_id"),
+       "LESS influence score per candidate document (max over subtasks of mean cosine)",
+       ("doc_id", "string"), ("score", "double"), ("subtask_scores", "map<string,double>"),
+       ("n_units", "long"), ("candidate_unit", "string"), ("checkpoints", "array<string>"),
+       ("checkpoint_weights", "array<double>"), ("model", "string"), ("projection_seed", "long"),
+       ("projection_dim", "long"), ("input_table", "string"), ("input_version", "long"),
+       ("shard_index", "long"), ("num_shards", "long"), RUN_ID),
+    # The current selection: MERGE upserts the latest run's picks and deletes the rest (history
+    # stays in the Delta log); consumers (distillation) read it without knowing a run id.
+    _t("gold", "selected_texts", ("doc_id",),
+       "Documents picked by the latest influence run, ranked, with the excerpt that was scored",
+       ("rank", "long"), ("doc_id", "string"), ("score", "double"), ("source", "string"),
+       ("excerpt", "string"), ("excerpt_start", "long"), ("excerpt_end", "long"),
+       ("input_table", "string"), ("input_version", "long"), RUN_ID),
 )
 
 _BY_NAME = {t.full_name: t for t in TABLES}

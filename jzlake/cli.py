@@ -1,7 +1,9 @@
 """``jzlake <stage>``: every stage outside Airflow. Each prints one JSON summary as its last line.
 
 A stage module exposes ``configure(parser)`` (its own flags) and ``run(args, settings) -> dict``.
-Modules are imported only when their subcommand runs, so ``jzlake --help`` needs no Spark/torch.
+Each single Spark job (``SPARK_JOBS``) is exposed as is: its ``run(spark, settings, run_id)``
+gets a session and a run id. Modules are imported only when their subcommand runs, so
+``jzlake --help`` needs no Spark/torch.
 """
 
 from __future__ import annotations
@@ -23,6 +25,29 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synthesize": ("models.synthesize", "mass synthesis, sharded and resumable → gold.synthetic_raw"),
     "influence": ("models.influence.cli", "LESS influence scores → gold.influence_scores, gold.selected_texts"),
 }
+
+# Single Spark jobs, each also a spark-submit application (spark_jobs/runner.py).
+SPARK_JOBS: dict[str, tuple[str, str]] = {
+    "ingest": ("spark_jobs.ingest", "raw files → bronze.documents (+ bronze.quarantine)"),
+    "clean": ("spark_jobs.clean", "bronze → silver.documents (+ silver.dropped with reasons)"),
+    "dedupe": ("spark_jobs.dedupe", "exact + MinHash-LSH near-dedup → silver.dedup, silver.duplicate_clusters"),
+    "decontaminate": ("spark_jobs.decontaminate", "benchmark n-gram overlap → gold.corpus, gold.contamination"),
+    "report": ("spark_jobs.report", "curation report (HTML + JSON) for a run id"),
+    "filter-synthetic": ("spark_jobs.synthetic_filter",
+                         "filter, dedupe, decontaminate gold.synthetic_raw → gold.synthetic_problems"),
+}
+
+
+def run_spark_job(stage: Any, name: str, settings: Settings, run_id: str | None = None) -> dict[str, Any]:
+    """Run one Spark job's ``stage(spark, settings, run_id)``; save its summary in the run folder."""
+    from jzlake.lineage import new_run_id
+    from jzlake.runs import write_stage_summary
+    from spark_jobs.session import get_spark
+
+    run_id = run_id or new_run_id(name)
+    summary = stage(get_spark(settings, app_name=f"jzlake-{name}"), settings, run_id)
+    summary["summary_path"] = write_stage_summary(settings, run_id, name, summary)
+    return summary
 
 
 def parse_key_values(pairs: Sequence[str] | None, flag: str) -> dict[str, str]:
@@ -47,6 +72,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         cmd.set_defaults(_module=module)
         if name == command:
             importlib.import_module(module).configure(cmd)
+    for name, (module, help_text) in SPARK_JOBS.items():
+        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        cmd.add_argument("--config", help="YAML settings file (default: packaged defaults)")
+        cmd.add_argument("--lake-root", help="lake root URI or path (overrides the config)")
+        cmd.add_argument("--run-id", help="run id to stamp on rows (default: a new one)")
+        cmd.set_defaults(_module=module, _spark_job=name)
     return parser
 
 
@@ -62,7 +93,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = argv[0] if argv and argv[0] in COMMANDS else None
     args = build_parser(command).parse_args(argv)
     module = importlib.import_module(args._module)
-    summary = module.run(args, settings_from_args(args))
+    if getattr(args, "_spark_job", None):
+        summary = run_spark_job(module.run, args._spark_job, settings_from_args(args), args.run_id)
+    else:
+        summary = module.run(args, settings_from_args(args))
     print(json.dumps(summary, sort_keys=True, default=str))
     return 0
 

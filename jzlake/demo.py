@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlparse
 
 from jzlake.settings import load_settings
 
@@ -26,9 +27,23 @@ class Step:
     explain: str
 
 
-def demo_steps() -> list[Step]:
+def curation_steps() -> list[Step]:
     return [
         Step("curate", ("curate",), "ingest → clean → dedupe → decontaminate → report (Spark → Delta)"),
+        Step("influence", ("influence", "--top-k", "12"),
+             "LESS gradient influence on the tiny local model → gold.influence_scores, gold.selected_texts"),
+    ]
+
+
+def generation_steps() -> list[Step]:
+    """Steps that talk to an OpenAI-compatible server (the local one unless a key is configured)."""
+    return [
+        Step("distil", ("distil", "--max-documents", "6", "--max-new-tokens", "96"),
+             "education-stage prompts over the selected texts → ledgered teacher calls → gold.kd_dataset"),
+        Step("synthesize", ("synthesize", "--max-documents-per-shard", "6", "--max-new-tokens", "96"),
+             "synthesizer over gold.corpus, sharded and resumable → gold.synthetic_raw"),
+        Step("filter-synthetic", ("filter-synthetic",),
+             "filter, dedupe, decontaminate synthetic problems (Spark) → gold.synthetic_problems"),
     ]
 
 
@@ -58,15 +73,28 @@ def format_tables(tables: dict[str, dict[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from models.generation.local_server import start_server
+    from models.tiny import ensure_tiny_model
+
     settings = load_settings()
     env = dict(os.environ)
     print(f"JiuZhang Lake demo — lake at {settings.lake_root}, Spark master {settings.spark.master}")
-    for step in demo_steps():
+    for step in curation_steps():
         summary, elapsed = run_step(step, env)
         print(format_summary(step, summary, elapsed), flush=True)
+    key_env = settings.generation.api_key_env or "OPENAI_API_KEY"
+    if not os.environ.get(key_env):
+        print(f"\nNo {key_env} set: the teacher is the tiny local model behind "
+              "`transformers serve --continuous-batching` (plumbing only: its problems are not real math).")
+    port = urlparse(settings.generation.base_url).port or 18300
+    with start_server(ensure_tiny_model(settings), port, log_path=settings.path("var/llm/demo-server.log")):
+        for step in generation_steps():
+            summary, elapsed = run_step(step, env)
+            print(format_summary(step, summary, elapsed), flush=True)
     tables, _ = run_step(Step("tables", ("tables", "--json"), "catalogued tables"), env)
     print(format_tables(tables["tables"]))
-    print(f"\nReports: {settings.runs_dir}/<run id>/report.html · rerun `make demo`: unchanged input adds nothing.")
+    print(f"\nCuration reports: {settings.runs_dir}/<run id>/report.html · MLflow runs: "
+          f"{settings.mlflow.tracking_uri}\nRerun `make demo`: unchanged input adds nothing and no call is repeated.")
     return 0
 
 

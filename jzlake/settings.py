@@ -52,18 +52,24 @@ class BenchmarkSettings(_Section):
     """One evaluation set to decontaminate against (and later to evaluate on).
 
     With ``text_fields`` unset, ``question`` or ``problem`` is used (SVAMP-style ``Body`` +
-    ``Question`` too); ``id_field`` unset means the row index.
+    ``Question`` too); ``id_field`` unset means the row index (the key for a JSON object of
+    items). ``answer_extractor``: ``auto`` takes the text after ``####`` (GSM8K) when present and
+    the last ``\\boxed{}`` of ``solution`` when there is no answer field (MATH); ``last_boxed`` /
+    ``after_hashes`` force one rule on ``answer_field``; ``raw`` keeps the field as it is.
+    See ``jzlake.benchmarks``.
     """
 
     path: str
     text_fields: list[str] | None = None
     id_field: str | None = None
     answer_field: str | None = None
+    answer_extractor: Literal["auto", "raw", "last_boxed", "after_hashes"] = "auto"
 
 
 class LakeSettings(_Section):
     root: str = "var/lake"
-    runs_dir: str = "var/runs"
+    # Run summaries and curation reports; default ``<root>/_runs`` so they travel with the lake.
+    runs_dir: str | None = None
 
 
 class SparkSettings(_Section):
@@ -94,16 +100,34 @@ class CleanSettings(_Section):
     max_top_2gram_fraction: float = 0.2
     max_top_3gram_fraction: float = 0.18
     max_top_4gram_fraction: float = 0.16
-    max_dup_5gram_fraction: float = 0.15
+    # Gopher uses 0.15 for web pages; math exposition repeats defining phrases ("is a variable
+    # assignment for"). On the shared raw corpus 0.15 dropped 23 of 1 508 substantive documents
+    # (mostly clean OpenLogic sections), 0.20 drops 8.
+    max_dup_5gram_fraction: float = 0.2
+    # Gopher's stop-word rule (the, be, to, of, and, that, have, with; counted outside math): a
+    # page of LaTeX macro definitions or build options has none; any real math page has plenty.
+    min_stopwords: int = 2
+    max_bullet_line_fraction: float = 0.9
+    max_ellipsis_line_fraction: float = 0.3
     min_math_density: float | None = None
 
 
 class DedupSettings(_Section):
+    """MinHash LSH near-dedup (see ``spark_jobs.transforms.minhash`` and ``benchmarks/bench_curation``).
+
+    20 bands × 6 rows make a pair at Jaccard 0.8 a candidate with probability 0.998 (0.3: 0.015).
+    ``verify: exact`` rejects candidates whose 128-permutation estimate is > 4σ below the threshold
+    and decides the rest on the exact Jaccard of their shingle sets (estimate-only verification
+    measured F1 0.93 on the benchmark, its errors all within ±0.05 of the threshold);
+    ``estimate`` decides on the MinHash estimate alone.
+    """
+
     shingle_words: int = 5
     num_perm: int = 128
-    bands: int = 16
-    rows_per_band: int = 8
+    bands: int = 20
+    rows_per_band: int = 6
     jaccard_threshold: float = 0.8
+    verify: Literal["exact", "estimate"] = "exact"
     seed: int = 42
 
     @field_validator("rows_per_band")
@@ -117,17 +141,51 @@ class DedupSettings(_Section):
 
 
 class DecontamSettings(_Section):
+    """Benchmark overlap rules (measured choices: see ``spark_jobs.decontaminate``)."""
+
     ngram: int = 13
     short_ngram: int = 8
-    min_containment: float = 0.25
+    min_containment: float = 0.15
     min_item_tokens: int = 6
+    # A gram counts only if at least this fraction of its tokens are words (≥ 2 letters, not a
+    # LaTeX command): formula soup like "frac x 2 a 2 frac y 2" is not evidence of a leak.
+    min_word_fraction: float = 0.5
+    # A gram found in more than this many items of one benchmark is template language
+    # ("let a b and c be real numbers such that"), not a specific item.
+    max_items_per_gram: int = 1
+
+
+class GpuKubernetesSettings(_Section):
+    """Pod shape for the ``kubernetes`` GPU backend (``plugins/gpu_backends.py``)."""
+
+    kubernetes_conn_id: str = "kubernetes_default"
+    gpu_resource: str = "nvidia.com/gpu"
+    node_selector: dict[str, str] = Field(default_factory=lambda: {"nvidia.com/gpu.present": "true"})
+    tolerations: list[dict[str, str]] = Field(default_factory=lambda: [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}])
+    shm_size: str = "16Gi"          # memory-backed /dev/shm (NCCL, DataLoader workers)
+    service_account: str | None = None
+    image_pull_policy: str = "IfNotPresent"
+    startup_timeout_s: int = 900
+    on_finish_action: str = "delete_succeeded_pod"
+    # A PVC mounted at the same path as settings.home when the lake/runs are local paths.
+    shared_volume_claim: str | None = None
 
 
 class GpuSettings(_Section):
+    """Where GPU jobs run (``plugins/gpu_job.py``) and where their shard markers/staging live."""
+
     backend: Literal["local", "kubernetes"] = "local"
     image: str = "jiuzhang-lake/gpu:latest"
     namespace: str = "jiuzhang"
     markers_dir: str = "var/markers"
+    # Per-shard staged outputs before the MERGE (models/lake_io.py); default <lake root>/_staging.
+    staging_dir: str | None = None
+    python: str | None = None       # interpreter for the local backend (default: the worker's)
+    timeout_s: int = 6 * 3600
+    kill_grace_s: float = 20.0      # SIGTERM → SIGKILL of the job's process group
+    log_tail_lines: int = 40        # stderr lines quoted in a failed task's error
+    kubernetes: GpuKubernetesSettings = Field(default_factory=GpuKubernetesSettings)
 
 
 class ModelSettings(_Section):
@@ -144,6 +202,203 @@ class MlflowSettings(_Section):
     experiment: str = "jiuzhang-lake"
 
 
+class AirflowSettings(_Section):
+    """How DAGs submit and retry lake jobs (see ``plugins/spark_submit.py``)."""
+
+    # Spark master comes from this connection: AIRFLOW_CONN_SPARK_DEFAULT='spark://host:7077'.
+    spark_conn_id: str = "spark_default"
+    retries: int = 2
+    retry_delay_s: int = 300
+    home: str = "var/airflow"     # AIRFLOW_HOME for `make airflow-up` / `python -m plugins.airflow_local`
+    api_port: int = 18100
+
+
+class ModelPrice(_Section):
+    """List price of one model in USD per 1M tokens (check the provider's page before a paid run)."""
+
+    input_per_1m: float = 0.0
+    output_per_1m: float = 0.0
+
+
+class GenerationBudget(_Section):
+    """Hard caps for one ledger, checked before each request is sent (``None`` = no cap).
+
+    Caps cover everything the ledger has recorded, so a resumed run does not get a fresh allowance.
+    """
+
+    max_calls: int | None = None
+    max_tokens: int | None = None
+    max_usd: float | None = None
+
+
+class VllmSettings(_Section):
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    max_model_len: int | None = None
+    dtype: str = "auto"
+    enforce_eager: bool = False
+
+
+class GenerationSettings(_Section):
+    """LLM endpoints, retries, budgets and prices (see ``models/generation``).
+
+    The API key is never stored here: ``api_key_env`` names an environment variable and
+    ``api_key_conn_id`` an Airflow connection whose password is the key (the connection wins).
+    """
+
+    backend: Literal["openai", "openai-batch", "vllm", "transformers"] = "openai"
+    base_url: str = "http://127.0.0.1:18300/v1"
+    api_key_env: str | None = "OPENAI_API_KEY"
+    api_key_conn_id: str | None = None
+    teacher_model: str = "gpt-4o-2024-08-06"
+    synthesizer_model: str = "jiuzhang-synthesizer"
+    # logical model name (ledger key, prices) -> name the server expects (a local server wants its path)
+    served_models: dict[str, str] = Field(default_factory=dict)
+    concurrency: int = 8
+    request_timeout_s: float = 120.0
+    max_retries: int = 6
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 60.0
+    max_retry_after_s: float = 300.0
+    max_tokens_param: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
+    # ledger durability: flush every N responses or T seconds, whichever comes first
+    ledger_flush_every: int = 32
+    ledger_flush_seconds: float = 5.0
+    batch_poll_interval_s: float = 60.0
+    batch_max_requests: int = 50_000
+    batch_price_factor: float = 0.5      # the Batch API bills half the list price
+    transformers_device: str = "auto"
+    transformers_batch_size: int = 8
+    vllm: VllmSettings = Field(default_factory=VllmSettings)
+    teacher_budget: GenerationBudget = Field(default_factory=lambda: GenerationBudget(max_calls=9300))
+    synthesis_budget: GenerationBudget = Field(default_factory=GenerationBudget)
+    prices: dict[str, ModelPrice] = Field(default_factory=dict)
+
+
+class PromptSettings(_Section):
+    """Excerpts and synthesis prompts (``models/generation/prompt_library.py``, ``excerpts.py``)."""
+
+    templates_dir: str | None = None  # default: the packaged models/generation/prompts/
+    stages: list[str] = Field(default_factory=lambda: [
+        "cot_grade_school", "cot_middle_school", "cot_high_school", "cot_college",
+        "cot_amc8", "cot_amc10", "cot_amc12", "cot_aime"])
+    # random: one stage per document drawn by RNG(seed, doc_id); all: every stage per document
+    stage_selection: Literal["random", "all"] = "random"
+    all_stages_sources: list[str] = Field(default_factory=list)  # sources that get every stage
+    tool_fraction: float = 0.25  # share of documents that also get the code-solution prompt
+    seed: int = 42
+    min_excerpt_chars: int = 200  # shorter excerpts (LaTeX wrapper files) are skipped, counted
+    copy_ngram: int = 6
+    max_copy_containment: float = 0.5  # problem n-grams found in the excerpt → copies_excerpt
+
+
+class SamplingSettings(_Section):
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 2500
+
+
+class SandboxSettings(_Section):
+    """Limits for running model-written code (``models/sandbox.py``)."""
+
+    cpu_seconds: int = 5
+    wall_seconds: float = 10.0
+    memory_mb: int = 1024
+    max_output_kb: int = 64
+    network_isolation: Literal["auto", "netns", "audit-hook"] = "auto"
+
+
+class DistilSettings(_Section):
+    """Teacher distillation (``jzlake distil``, ``models/distil.py``).
+
+    Input: ``gold.selected_texts`` (influence selection) when it exists, else ``gold.corpus``;
+    ``input_table`` forces one. Paper defaults per kind: CoT temperature 1.0, tool 0.1 / top-p 0.95.
+    """
+
+    input_table: Literal["auto", "gold.selected_texts", "gold.corpus"] = "auto"
+    max_documents: int | None = None
+    # auto: generation.teacher_model when an API key resolves, else the local model (said so)
+    teacher: Literal["auto", "configured", "local"] = "auto"
+    local_teacher_model: str = "tiny-llama"
+    samples_per_prompt: int = 1
+    cot_sampling: SamplingSettings = Field(default_factory=SamplingSettings)
+    tool_sampling: SamplingSettings = Field(
+        default_factory=lambda: SamplingSettings(temperature=0.1, top_p=0.95))
+
+
+class SynthesisSettings(_Section):
+    """Mass synthesis (``jzlake synthesize``, ``models/synthesize.py``) and its Spark filter.
+
+    ``model``: a local model directory, an MLflow ``models:/name@alias`` URI (resolved by the
+    training stage) or a name served by ``generation.base_url``; empty means
+    ``generation.synthesizer_model``.
+    """
+
+    model: str | None = None
+    num_shards: int = 1
+    max_documents_per_shard: int | None = None
+    samples_per_prompt: int = 1
+    cot_sampling: SamplingSettings = Field(default_factory=SamplingSettings)
+    tool_sampling: SamplingSettings = Field(
+        default_factory=lambda: SamplingSettings(temperature=0.1, top_p=0.95))
+    min_problem_words: int = 8
+    max_problem_words: int = 600
+    max_solution_words: int = 2000
+
+
+class InfluenceTargetSettings(_Section):
+    """One target benchmark for LESS: examples in the training format, grouped into subtasks."""
+
+    path: str
+    question_field: str = "question"
+    solution_field: str = "answer"
+    subtask_field: str | None = None   # e.g. MATH's ``subject``: one subtask per value
+
+
+class InfluenceSettings(_Section):
+    """LESS influence selection (``models/influence``). Defaults suit the tiny model; LESS used
+    r=128, α=512, dropout 0.1 on q/k/v/o and lr 2e-5 for 7B models."""
+
+    model: str | None = None            # None: the tiny local model; else an HF dir or models:/ URI
+    input_table: str = "gold.corpus"
+    candidate_unit: Literal["excerpt", "pair"] = "excerpt"
+    # candidate_unit=pair: (prompt, generated problem–solution) rows; score goes to the source doc
+    pairs_table: str | None = None
+    pairs_path: str | None = None       # Parquet/JSONL alternative to pairs_table
+    pair_columns: dict[str, str] = Field(default_factory=lambda: {
+        "doc_id": "doc_id", "prompt": "prompt", "completion": "completion"})
+    excerpt_chars: int = 1000
+    max_seq_len: int = 512
+    seed: int = 42
+    warmup_fraction: float = 0.05
+    warmup_min_examples: int = 8
+    warmup_epochs: int = 4
+    warmup_batch_size: int = 8
+    warmup_lr: float = 1e-3
+    warmup_ratio: float = 0.03          # linear warm-up share of the steps, then linear decay
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    lora_r: int = 8
+    lora_alpha: int = 32
+    lora_dropout: float = 0.1
+    lora_target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    projection_dim: int = 8192
+    projection_seed: int = 0
+    projection_block_rows: int = 4096   # parameter rows per generated Rademacher block
+    projection_cache_mb: int = 512      # keep generated blocks when they fit, else regenerate
+    grad_chunk_size: int = 16           # examples per vmap(grad) call: bounds memory
+    targets: dict[str, InfluenceTargetSettings] = Field(default_factory=dict)
+    targets_per_subtask: int = 4
+    top_fraction: float | None = 0.05
+    top_k: int | None = None
+    num_shards: int = 1
+    device: str = "auto"                # auto: cuda when available, else cpu
+    gradient_method: Literal["factored", "vmap"] = "factored"   # same numbers; factored is faster
+    torch_threads: int | None = None    # CPU threads (None: torch's default)
+
+
 class Settings(_Section):
     home: str = "."
     lake: LakeSettings = Field(default_factory=LakeSettings)
@@ -157,6 +412,13 @@ class Settings(_Section):
     gpu: GpuSettings = Field(default_factory=GpuSettings)
     models: ModelSettings = Field(default_factory=ModelSettings)
     mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
+    influence: InfluenceSettings = Field(default_factory=InfluenceSettings)
+    generation: GenerationSettings = Field(default_factory=GenerationSettings)
+    prompts: PromptSettings = Field(default_factory=PromptSettings)
+    sandbox: SandboxSettings = Field(default_factory=SandboxSettings)
+    distil: DistilSettings = Field(default_factory=DistilSettings)
+    synthesis: SynthesisSettings = Field(default_factory=SynthesisSettings)
+    airflow: AirflowSettings = Field(default_factory=AirflowSettings)
 
     def path(self, value: str) -> str:
         """Resolve a configured path: URIs unchanged, relative paths against ``home``."""
@@ -168,7 +430,9 @@ class Settings(_Section):
 
     @property
     def runs_dir(self) -> str:
-        return self.path(self.lake.runs_dir)
+        if self.lake.runs_dir:
+            return self.path(self.lake.runs_dir)
+        return f"{self.lake_root.rstrip('/')}/_runs"
 
 
 def is_uri(value: str) -> bool:

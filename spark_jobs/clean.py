@@ -98,8 +98,9 @@ def run(spark: SparkSession, settings: Settings, run_id: str) -> dict[str, Any]:
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
-    from spark_jobs.session import current_version, merge_insert_new, read_table
+    from spark_jobs.session import current_version, ensure_tables, merge_insert_new, read_table
 
+    ensure_tables(spark, settings, SILVER, DROPPED)
     version = current_version(spark, BRONZE, settings)
     summary: dict[str, Any] = {"input": 0, "kept": 0, "dropped": {}, "bronze_version": version, "by_source": {}}
     if version is None:

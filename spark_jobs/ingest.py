@@ -176,8 +176,9 @@ def run(spark: SparkSession, settings: Settings, run_id: str) -> dict[str, Any]:
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
-    from spark_jobs.session import current_version, merge_insert_new, merge_upsert, read_table
+    from spark_jobs.session import current_version, ensure_tables, merge_insert_new, merge_upsert, read_table
 
+    ensure_tables(spark, settings, DOCUMENTS, QUARANTINE, MANIFEST)
     started = utc_now()
     tasks = discover_files(settings)
     manifest = read_manifest(spark, settings)

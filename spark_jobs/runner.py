@@ -13,8 +13,7 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from jzlake.lineage import new_run_id
-from jzlake.runs import write_stage_summary
+from jzlake.cli import run_spark_job
 from jzlake.settings import load_settings
 
 StageFn = Callable[..., dict[str, Any]]
@@ -27,12 +26,6 @@ def job_main(stage: StageFn, name: str, argv: Sequence[str] | None = None) -> in
     parser.add_argument("--run-id", help="run id to stamp on rows (default: a new one)")
     args = parser.parse_args(argv)
     overrides = {"lake": {"root": args.lake_root}} if args.lake_root else {}
-    settings = load_settings(args.config, overrides=overrides)
-    from spark_jobs.session import get_spark
-
-    spark = get_spark(settings, app_name=f"jzlake-{name}")
-    run_id = args.run_id or new_run_id(name)
-    summary = stage(spark, settings, run_id)
-    summary["summary_path"] = write_stage_summary(settings, run_id, name, summary)
+    summary = run_spark_job(stage, name, load_settings(args.config, overrides=overrides), args.run_id)
     print(json.dumps(summary, sort_keys=True, default=str))
     return 0

@@ -104,6 +104,13 @@ def ensure_table(spark: SparkSession, table: Table, settings: Settings) -> None:
     builder.execute()
 
 
+def ensure_tables(spark: SparkSession, settings: Settings, *tables: Table) -> None:
+    """Create a job's output tables up front, so every catalogued table reads (empty) and
+    downstream Assets resolve even when a run produced no rows for one of them."""
+    for table in tables:
+        ensure_table(spark, table, settings)
+
+
 def read_table(spark: SparkSession, table: Table, settings: Settings, version: int | None = None) -> DataFrame:
     """Read a table (at a pinned version when given); a missing table reads as empty."""
     if not table_exists(spark, table, settings):
