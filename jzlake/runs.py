@@ -50,10 +50,10 @@ def read_text(path: str) -> str | None:
 
 
 def write_stage_summary(settings: Settings, run_id: str, stage: str, summary: dict[str, Any]) -> str:
-    path = f"{run_dir(settings, run_id)}/{stage}.json"
+    path = f"{run_dir(settings, run_id)}/{stage}.summary.json"
     return write_text(path, json.dumps(summary, sort_keys=True, indent=2, default=str))
 
 
 def read_stage_summary(settings: Settings, run_id: str, stage: str) -> dict[str, Any] | None:
-    text = read_text(f"{run_dir(settings, run_id)}/{stage}.json")
+    text = read_text(f"{run_dir(settings, run_id)}/{stage}.summary.json")
     return json.loads(text) if text else None

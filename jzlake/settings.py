@@ -117,9 +117,9 @@ class DedupSettings(_Section):
 
     20 bands × 6 rows make a pair at Jaccard 0.8 a candidate with probability 0.998 (0.3: 0.015).
     ``verify: exact`` rejects candidates whose 128-permutation estimate is > 4σ below the threshold
-    and decides the rest on the exact Jaccard of their shingle sets (estimate-only verification
-    measured F1 0.93 on the benchmark, its errors all within ±0.05 of the threshold);
-    ``estimate`` decides on the MinHash estimate alone.
+    and decides the rest on the exact Jaccard of their shingle sets (on a 5k-document benchmark
+    run, estimate-only verification measured F1 0.93, its errors all near the threshold; exact:
+    1.00); ``estimate`` decides on the MinHash estimate alone.
     """
 
     shingle_words: int = 5

@@ -210,7 +210,11 @@ def run(spark: SparkSession, settings: Settings, run_id: str,
     folder = run_dir(settings, run_id)
     json_path = write_text(f"{folder}/report.json", json.dumps(report, indent=2, sort_keys=True, default=str))
     html_path = write_text(f"{folder}/report.html", render_html(report, render_plots(report["figures"])))
-    return {"report_html": html_path, "report_json": json_path, "balanced": report["reconciliation"]["balanced"]}
+    if not report["reconciliation"]["balanced"]:
+        # Fail the run (and its Airflow task): a record went missing somewhere between stages.
+        raise RuntimeError(f"curation run {run_id}: record counts do not reconcile "
+                           f"({report['reconciliation']}); see {html_path}")
+    return {"report_html": html_path, "report_json": json_path, "balanced": True}
 
 
 if __name__ == "__main__":

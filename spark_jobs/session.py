@@ -24,6 +24,9 @@ DELTA_CONF = {
     "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
 }
 
+# Settings spark-submit decides for a submitted application; the session must not override them.
+SUBMIT_OWNED = frozenset({"spark.master", "spark.jars", "spark.driver.memory", "spark.submit.deployMode"})
+
 
 def delta_jars(settings: Settings) -> list[str]:
     jars_dir = settings.path(settings.spark.jars_dir)
@@ -64,8 +67,14 @@ def get_spark(settings: Settings, app_name: str | None = None) -> SparkSession:
 
     if not os.environ.get("JAVA_HOME") and not _which("java"):
         raise RuntimeError("Java not found: Spark needs a JDK 17+ (apt-get install openjdk-17-jdk-headless)")
-    builder = SparkSession.builder.master(settings.spark.master).appName(app_name or settings.spark.app_name)
-    for key, value in spark_conf(settings).items():
+    builder = SparkSession.builder.appName(app_name or settings.spark.app_name)
+    conf = spark_conf(settings)
+    if os.environ.get("PYSPARK_GATEWAY_PORT"):
+        # Launched by spark-submit: its --master/--jars/--driver-memory are already in force.
+        conf = {k: v for k, v in conf.items() if k not in SUBMIT_OWNED}
+    else:
+        builder = builder.master(settings.spark.master)
+    for key, value in conf.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")

@@ -10,6 +10,10 @@ from typing import Any
 import pytest
 
 from jzlake.settings import Settings, load_settings
+from tests.airflow_env import isolate_airflow_home
+
+# Before anything imports Airflow: in-process DAG parsing must never touch ~/airflow.
+isolate_airflow_home()
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample"

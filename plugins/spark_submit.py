@@ -1,0 +1,247 @@
+"""Submitting lake Spark jobs from Airflow: ``Settings`` → ``SparkSubmitOperator``.
+
+Split as in Airflow providers: the provider's ``SparkSubmitHook`` does the I/O (builds and runs
+the ``spark-submit`` command); ``LakeSparkSubmitOperator`` is the provider's operator plus a few
+orchestration duties; ``spark_submit_kwargs`` is the small pure function that turns settings
+into the operator's arguments; ``lake_spark_task`` puts them together for a DAG file.
+
+Each task runs ``spark-submit [conf, jars] spark_jobs/<job>.py --config F --lake-root R
+--run-id {{ run_id }}`` (see ``spark_jobs/runner.py``); every task of one DAG run shares the
+Airflow run id, so stage summaries land in one run folder and the report reconciles the run.
+
+Where Spark runs is the ``spark_default`` connection's business (``settings.airflow.spark_conn_id``),
+never the DAG's::
+
+    AIRFLOW_CONN_SPARK_DEFAULT='{"conn_type": "spark", "host": "local[*]"}'   # local (default tooling)
+    AIRFLOW_CONN_SPARK_DEFAULT='spark://master-host:7077'                     # standalone cluster
+    AIRFLOW_CONN_SPARK_DEFAULT='{"conn_type": "spark", "host": "yarn", "extra": {"deploy-mode": "client"}}'
+    AIRFLOW_CONN_SPARK_DEFAULT='{"conn_type": "spark", "host": "k8s://https://api:6443",
+                                 "extra": {"namespace": "spark"}}'
+
+(or the same connection in the UI/secrets backend). The job receives the connection's master
+through ``SPARK_MASTER`` too, so its own session builder agrees with spark-submit. Client deploy
+mode is assumed: the driver runs on the worker with this virtualenv; for cluster deploy mode on a
+standalone master the provider refuses ``env_vars`` — use client mode there.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from collections.abc import Iterable, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
+
+from jzlake.settings import Settings
+from plugins.dag_settings import config_file
+from spark_jobs.session import delta_jars, spark_conf
+
+if TYPE_CHECKING:
+    from airflow.sdk import Asset, Context
+
+# Every task of a DAG run stamps rows with the Airflow run id (jzlake.runs makes it path-safe).
+RUN_ID_TEMPLATE = "{{ run_id }}"
+# Set by dedicated spark-submit flags or by the connection, so never passed as --conf:
+# spark.jars → --jars; spark.driver.memory → --driver-memory (must reach the JVM before it
+# starts); the master and deploy mode come from the Airflow connection.
+NOT_AS_CONF = ("spark.jars", "spark.driver.memory", "spark.master", "spark.submit.deployMode")
+ASSET_PREFIX = "lake."  # plugins.assets names table Assets lake.<layer>.<name>
+
+
+def pyspark_home() -> Path:
+    """The Spark distribution bundled with the ``pyspark`` package of this interpreter (not imported)."""
+    spec = importlib.util.find_spec("pyspark")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"pyspark is not installed for {sys.executable}; run `make setup`")
+    return Path(next(iter(spec.submodule_search_locations))).resolve()
+
+
+def spark_submit_binary() -> str:
+    """``spark-submit`` of that distribution, so the submitting JVM matches the job's pyspark."""
+    binary = pyspark_home() / "bin" / "spark-submit"
+    if not binary.is_file():
+        raise RuntimeError(f"{binary} is missing: the pyspark installation is incomplete; reinstall it")
+    return str(binary)
+
+
+def project_root() -> Path:
+    """The folder that holds the ``jzlake`` and ``spark_jobs`` packages."""
+    import spark_jobs  # light; __path__ because an editable install may map it as a namespace package
+
+    for entry in spark_jobs.__path__:
+        if Path(entry, "session.py").is_file():
+            return Path(entry).resolve().parent
+    raise RuntimeError(f"spark_jobs/session.py not found on {list(spark_jobs.__path__)}; reinstall the project")
+
+
+def job_application(job: str) -> str:
+    """Path of ``spark_jobs/<job>.py``; an unknown job names the ones that exist."""
+    jobs_dir = project_root() / "spark_jobs"
+    path = jobs_dir / f"{job}.py"
+    if not path.is_file():
+        known = sorted(p.stem for p in jobs_dir.glob("*.py") if p.stem not in {"__init__", "runner", "session"})
+        raise FileNotFoundError(f"no Spark job {job!r}: {path} does not exist; known jobs: {', '.join(known)}")
+    return str(path)
+
+
+def submit_conf(settings: Settings) -> dict[str, str]:
+    """``spark_conf(settings)`` minus what spark-submit takes by flag or from the connection."""
+    conf = {k: v for k, v in spark_conf(settings).items() if k not in NOT_AS_CONF}
+    # The parsing process's sys.path (dags/, AIRFLOW_HOME/...) means nothing to executors.
+    conf["spark.executorEnv.PYTHONPATH"] = str(project_root())
+    return conf
+
+
+def submit_env(settings: Settings) -> dict[str, str]:
+    """Environment of the spark-submit process: this interpreter for driver and Python workers."""
+    return {
+        "SPARK_HOME": str(pyspark_home()),
+        "PYSPARK_PYTHON": sys.executable,
+        "PYSPARK_DRIVER_PYTHON": sys.executable,
+        "PYTHONPATH": str(project_root()),
+    }
+
+
+def spark_submit_kwargs(job: str, settings: Settings, *, config: str | None = None,
+                        run_id: str = RUN_ID_TEMPLATE) -> dict[str, Any]:
+    """Everything ``SparkSubmitOperator`` needs to run ``spark_jobs/<job>.py`` for ``settings``.
+
+    ``config`` is the YAML file the settings came from (passed on so the job loads the same);
+    ``run_id`` may be a Jinja template (rendered by Airflow before execution).
+    """
+    args = ["--config", config] if config else []
+    args += ["--lake-root", settings.lake_root, "--run-id", run_id]
+    return {
+        "application": job_application(job),
+        "conf": submit_conf(settings),
+        "jars": ",".join(delta_jars(settings)),
+        "driver_memory": settings.spark.driver_memory,
+        "application_args": args,
+        "conn_id": settings.airflow.spark_conn_id,
+        "spark_binary": spark_submit_binary(),
+        "env_vars": submit_env(settings),
+        "name": f"jzlake-{job}",
+    }
+
+
+def _arg_value(args: Sequence[Any], flag: str) -> str | None:
+    items = [str(a) for a in args]
+    return items[items.index(flag) + 1] if flag in items[:-1] else None
+
+
+def describe_delta(uri: str) -> dict[str, Any]:
+    """Delta version and row count at ``uri`` (``file://`` or object store), read without a JVM;
+    both ``None`` when no table exists there."""
+    from deltalake import DeltaTable
+    from deltalake.exceptions import TableNotFoundError
+
+    try:
+        table = DeltaTable(uri.removeprefix("file://"))
+    except TableNotFoundError:
+        return {"version": None, "rows": None}
+    return {"version": table.version(), "rows": table.to_pyarrow_dataset().count_rows()}
+
+
+class LakeSparkSubmitOperator(SparkSubmitOperator):
+    """The provider's ``SparkSubmitOperator`` for one lake job, plus:
+
+    * a missing Spark connection fails with how to define it (the provider would silently
+      fall back to ``yarn``);
+    * the connection's master is handed to the job as ``SPARK_MASTER``;
+    * after the job, its JSON summary (written by ``job_main`` to the run folder) is the task's
+      return value (XCom), and every outlet table Asset's event carries the table's Delta
+      version and row count — so consumers see what changed without opening the lake.
+    """
+
+    ui_color = "#fdebd0"
+
+    def __init__(self, *, job: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.job = job
+
+    def execute(self, context: Context) -> dict[str, Any] | None:
+        self._require_connection()
+        master = self._get_hook()._connection["master"]
+        self.env_vars = {**(self.env_vars or {}), "SPARK_MASTER": master}
+        self._hook = self._get_hook()  # built after env_vars is final: the hook copies it
+        super().execute(context)
+        self._annotate_outlets(context)
+        return self._read_summary()
+
+    def _require_connection(self) -> None:
+        from airflow.sdk import BaseHook
+        from airflow.sdk.exceptions import AirflowNotFoundException
+
+        try:
+            BaseHook.get_connection(self._conn_id)
+        except AirflowNotFoundException:
+            raise RuntimeError(
+                f"task {self.task_id}: Airflow connection {self._conn_id!r} is not defined, so spark-submit "
+                "has no master. Define it, e.g. AIRFLOW_CONN_SPARK_DEFAULT='{\"conn_type\": \"spark\", "
+                "\"host\": \"local[*]\"}' for local runs or 'spark://host:7077' for a cluster."
+            ) from None
+
+    def _job_settings(self) -> Settings:
+        from jzlake.settings import load_settings
+
+        args = self.application_args or []
+        lake_root = _arg_value(args, "--lake-root")
+        return load_settings(_arg_value(args, "--config"),
+                             overrides={"lake": {"root": lake_root}} if lake_root else None)
+
+    def _read_summary(self) -> dict[str, Any] | None:
+        from jzlake.runs import read_stage_summary
+
+        run_id = _arg_value(self.application_args or [], "--run-id")
+        if run_id is None:
+            return None
+        try:
+            summary = read_stage_summary(self._job_settings(), run_id, self.job)
+        except (OSError, ValueError) as exc:  # metadata only: the job itself succeeded
+            self.log.warning("could not read the %s summary of run %s: %s", self.job, run_id, exc)
+            return None
+        if summary is None:
+            self.log.warning("job %s wrote no summary for run %s", self.job, run_id)
+        return summary
+
+    def _annotate_outlets(self, context: Context) -> None:
+        run_id = _arg_value(self.application_args or [], "--run-id")
+        for asset in self._table_outlets():
+            extra: dict[str, Any] = {"job": self.job, "run_id": run_id, "table": asset.name[len(ASSET_PREFIX):]}
+            try:
+                extra.update(describe_delta(asset.uri))
+            except Exception as exc:  # an unreadable log must not fail a finished job
+                self.log.warning("could not describe %s at %s: %s", asset.name, asset.uri, exc)
+            context["outlet_events"][asset].extra.update(json.loads(json.dumps(extra, default=str)))
+
+    def _table_outlets(self) -> Iterable[Asset]:
+        from airflow.sdk import Asset
+
+        return [o for o in self.outlets if isinstance(o, Asset) and o.name.startswith(ASSET_PREFIX)]
+
+
+def lake_spark_task(task_id: str, job: str, settings: Settings, *, config: str | None = None,
+                    outlets: Sequence[Asset] = (), **operator_kwargs: Any) -> LakeSparkSubmitOperator:
+    """The configured operator for ``spark_jobs/<job>.py``; extra kwargs go to the operator.
+
+    ``config`` defaults to the ``JZLAKE_CONFIG`` file the DAG's settings were loaded from.
+    Retries come from the DAG's ``default_args`` (``dag_default_args``).
+    """
+    config = config if config is not None else config_file()
+    kwargs = {**spark_submit_kwargs(job, settings, config=config), **operator_kwargs}
+    return LakeSparkSubmitOperator(task_id=task_id, job=job, outlets=list(outlets), **kwargs)
+
+
+def dag_default_args(settings: Settings) -> dict[str, Any]:
+    """Retry policy for lake DAGs: jobs are idempotent MERGEs, so a retry is always safe."""
+    return {
+        "owner": "jzlake",
+        "retries": settings.airflow.retries,
+        "retry_delay": timedelta(seconds=settings.airflow.retry_delay_s),
+        "retry_exponential_backoff": 2.0,
+        "max_retry_delay": timedelta(seconds=max(settings.airflow.retry_delay_s, 1) * 4),
+    }
