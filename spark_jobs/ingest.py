@@ -193,7 +193,9 @@ def run(spark: SparkSession, settings: Settings, run_id: str) -> dict[str, Any]:
         return summary
 
     records = read_records(spark, to_read, settings).persist(StorageLevel.MEMORY_AND_DISK)
-    docs = classify_documents(records, read_table(spark, DOCUMENTS, settings))
+    # Pinned: the classification must not re-resolve to the version this run's MERGE creates.
+    existing = read_table(spark, DOCUMENTS, settings, current_version(spark, DOCUMENTS, settings))
+    docs = classify_documents(records, existing)
     docs = docs.persist(StorageLevel.MEMORY_AND_DISK)
     quarantine = (
         records.where(F.col("kind") == "quarantine")

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from jzlake import catalogue
-from jzlake.runs import run_dir
+from jzlake.runs import read_stage_summary, run_dir
 from jzlake.settings import load_settings
 from jzlake.tables import describe_table
 from spark_jobs.curate import CURATION_TABLES
@@ -56,7 +56,7 @@ def test_tasks_share_the_run_and_the_report_reconciles(curated_by_dag_test: dict
     run_id = curated_by_dag_test["result"]["run_id"]
     folder = Path(run_dir(settings, run_id))
     for stage in TASKS[:-1]:
-        assert (folder / f"{stage}.json").is_file(), f"no {stage} summary in {folder}"
+        assert read_stage_summary(settings, run_id, stage), f"no {stage} summary in {folder}"
     assert (folder / "report.html").stat().st_size > 0
     report = _xcom(curated_by_dag_test, "report")
     assert report["balanced"] is True, report

@@ -118,11 +118,11 @@ def test_synthesizer_resolution(tmp_path: Path) -> None:
     assert local.served_models["jiuzhang-synthesizer"] == str(model_dir.resolve()) and local.model_version
     served = resolve_synthesizer(make_settings(tmp_path, synthesis={"model": "my-vllm-model"}))
     assert served.model == "my-vllm-model" and served.model_uri == "http://127.0.0.1:18300/v1"
-    try:
-        from models.registry import resolve_model_uri  # noqa: F401  (the training stage's resolver)
-    except ImportError:
-        with pytest.raises(RuntimeError, match="MLflow registry URI"):
-            resolve_synthesizer(make_settings(tmp_path, synthesis={"model": "models:/jiuzhang-synthesizer@champion"}))
+    # A registry URI goes to MLflow; a model nobody registered yet fails naming it.
+    registry = make_settings(tmp_path, synthesis={"model": "models:/jiuzhang-synthesizer@champion"},
+                             mlflow={"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"})
+    with pytest.raises(Exception, match="jiuzhang-synthesizer"):
+        resolve_synthesizer(registry)
     settings = make_settings(tmp_path)
     default = resolve_synthesizer(settings)
     assert content_run_id(settings, default, 4, 2) == content_run_id(settings, default, 4, 2)
