@@ -68,6 +68,10 @@ def summarize(run_id: str, stages: dict[str, dict[str, Any]], report: dict[str, 
         "exact_duplicates": dedupe["exact_duplicates"],
         "near_duplicates": dedupe["near_duplicates"],
         "contaminated": decon["contaminated"],
+        # Earlier documents this run took out of gold: a survivor beaten by a new duplicate, a
+        # document a changed benchmark set now flags.
+        "displaced_survivors": dedupe.get("displaced_survivors", 0),
+        "removed_from_gold": decon.get("removed_from_gold", 0),
         "balanced": report["balanced"],
         "report": report["report_html"],
         "tables": {name: {"version": info["version"], "rows": info["rows"]} for name, info in tables.items()},
