@@ -30,7 +30,9 @@ class Step:
 def curation_steps() -> list[Step]:
     return [
         Step("curate", ("curate",), "ingest → clean → dedupe → decontaminate → report (Spark → Delta)"),
-        Step("influence", ("influence", "--top-k", "12"),
+        # Demo-sized on CPU (the job's defaults are LESS's: 512 tokens, d = 8192, 4 epochs).
+        Step("influence", ("influence", "--top-k", "12", "--max-seq-len", "128", "--projection-dim", "1024",
+                           "--warmup-epochs", "2"),
              "LESS gradient influence on the tiny local model → gold.influence_scores, gold.selected_texts"),
     ]
 
