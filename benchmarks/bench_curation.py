@@ -326,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--planted", type=int, default=200, help="GSM8K test questions planted for decontam")
     parser.add_argument("--clean-docs", type=int, default=20_000,
                         help="documents for the clean-stage throughput run (0 skips it)")
+    parser.add_argument("--keep-lake", action="store_true", help="keep the benchmark lakes (~1 GB) afterwards")
     args = parser.parse_args(argv)
 
     from pyspark.sql import functions as F
@@ -542,6 +543,11 @@ def main(argv: list[str] | None = None) -> int:
     })
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "result.json").write_text(json.dumps(result, indent=2, default=str))
+    if not args.keep_lake:
+        import shutil
+
+        for folder in (lake, run_dir / "clean-lake"):
+            shutil.rmtree(folder, ignore_errors=True)
     log(f"near-dup P/R/F1 = {precision:.4f}/{recall:.4f}/{f1:.4f}; batched MinHash "
         f"{result['ratios']['minhash_batched_vs_per_document']}× per-document; incremental run took "
         f"{result['ratios']['incremental_1pct_seconds_vs_full']:.1%} of the full run's time; details in {run_dir}")

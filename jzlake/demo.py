@@ -42,8 +42,10 @@ def generation_steps() -> list[Step]:
     return [
         Step("distil", ("distil", "--max-documents", "6", "--max-new-tokens", "96"),
              "education-stage prompts over the selected texts → ledgered teacher calls → gold.kd_dataset"),
-        Step("synthesize", ("synthesize", "--max-documents-per-shard", "6", "--max-new-tokens", "96"),
-             "synthesizer over gold.corpus, sharded and resumable → gold.synthetic_raw"),
+        # Until the training stage registers jiuzhang-synthesizer@champion, the tiny model stands in.
+        Step("synthesize", ("synthesize", "--model", "var/models/tiny-llama", "--max-documents-per-shard", "6",
+                            "--max-new-tokens", "96"),
+             "synthesizer (the tiny model stands in) over gold.corpus, sharded and resumable → gold.synthetic_raw"),
         Step("filter-synthetic", ("filter-synthetic",),
              "filter, dedupe, decontaminate synthetic problems (Spark) → gold.synthetic_problems"),
     ]
