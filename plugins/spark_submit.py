@@ -38,7 +38,7 @@ from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOpe
 
 from jzlake.settings import Settings
 from plugins.dag_settings import config_file
-from spark_jobs.session import delta_jars, spark_conf
+from spark_jobs.session import SUBMIT_OWNED, delta_jars, spark_conf
 
 if TYPE_CHECKING:
     from airflow.sdk import Asset, Context
@@ -48,7 +48,7 @@ RUN_ID_TEMPLATE = "{{ run_id }}"
 # Set by dedicated spark-submit flags or by the connection, so never passed as --conf:
 # spark.jars → --jars; spark.driver.memory → --driver-memory (must reach the JVM before it
 # starts); the master and deploy mode come from the Airflow connection.
-NOT_AS_CONF = ("spark.jars", "spark.driver.memory", "spark.master", "spark.submit.deployMode")
+NOT_AS_CONF = SUBMIT_OWNED  # the same set get_spark leaves alone under spark-submit
 ASSET_PREFIX = "lake."  # plugins.assets names table Assets lake.<layer>.<name>
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import socket
 import threading
 import time
 from collections import Counter, defaultdict
@@ -33,15 +32,9 @@ FAULTS = ("429", "500", "timeout", "lost", "401", "400")
 
 def free_port(start: int, end: int) -> int:
     """First port in ``[start, end]`` nothing listens on (our assigned range only)."""
-    for port in range(start, end + 1):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {start}-{end}")
+    from tests.airflow_env import free_port as first_free
+
+    return first_free(range(start, end + 1))
 
 
 class ThreadedServer:
