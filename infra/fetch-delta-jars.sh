@@ -7,6 +7,8 @@ here="$(cd "$(dirname "$0")" && pwd)"
 dest="${1:-$here/../var/jars}"
 python="${PYTHON:-python3}"
 mkdir -p "$dest"
+# Absolute: Maven resolves a relative outputDirectory against the pom's folder, not the caller's.
+dest="$(cd "$dest" && pwd)"
 if [ -f "$dest/.complete" ]; then exit 0; fi
 command -v mvn >/dev/null || { echo "mvn not found: install Maven (apt-get install maven) to fetch the Delta jars" >&2; exit 1; }
 mvn -q -B -f "$here/delta/pom.xml" dependency:copy-dependencies \
