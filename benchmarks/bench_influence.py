@@ -6,7 +6,8 @@ Measured on the same candidates:
 
 * ``loop``    — LESS's collection: batch size 1, one backward per example, gradients projected
   every 16 examples (LESS's ``project_interval``), Adam-preconditioned;
-* ``batched`` — ``gradient_features`` (one batched backward per chunk + LoRA factorisation);
+* ``batched`` — ``gradient_features`` (one batched backward per chunk + LoRA factorisation, the LM
+  head and cross-entropy fused over target positions, projection of buffered chunks at once);
 * ``vmap``    — the same through ``torch.func.vmap(grad)`` (reported, not the default);
 * a float64 reference (model, gradients and projection in float64) for the selection check.
 

@@ -388,7 +388,8 @@ class InfluenceSettings(_Section):
     projection_seed: int = 0
     projection_block_rows: int = 4096   # parameter rows per generated Rademacher block
     projection_cache_mb: int = 512      # keep generated blocks when they fit, else regenerate
-    grad_chunk_size: int = 16           # examples per vmap(grad) call: bounds memory
+    grad_chunk_size: int = 16           # examples per batched gradient call: bounds activation memory
+    projection_batch_mb: int = 256      # preconditioned gradients buffered per pass over R (compute-bound)
     targets: dict[str, InfluenceTargetSettings] = Field(default_factory=dict)
     targets_per_subtask: int = 4
     top_fraction: float | None = 0.05

@@ -14,7 +14,10 @@ from models.influence import data, scoring
 from models.influence.gradients import (
     adam_precondition,
     gradient_features,
+    hidden_state_loss_grad,
+    output_head,
     per_example_gradients,
+    per_example_loss,
     trainable_parameters,
 )
 from models.influence.projection import RademacherProjector
@@ -93,6 +96,35 @@ def test_batched_per_example_gradients_equal_the_one_backward_per_example_loop(l
     one = gradient_features(model, batch, projector=projector, pad_id=pad_id, chunk_size=1)
     two = gradient_features(model, batch, projector=projector, pad_id=pad_id, chunk_size=3)
     assert torch.allclose(one, two, atol=1e-5) and torch.allclose(one.norm(dim=1), torch.ones(4))
+
+
+def test_fused_head_loss_and_hidden_gradient_equal_autograd_through_full_logits(lora_model: tuple) -> None:
+    model, tokenizer, pad_id = lora_model
+    head = output_head(model)
+    assert head is not None  # the tiny Llama takes the fused path
+    batch = [data.encode(tokenizer, "## Question\nWhat is 3*4?\n\n## Solution\n", "3*4=12", 64),
+             data.encode(tokenizer, "", "Let $x^2 = 4$, so $x = \\pm 2$ and no other real root exists.", 64)]
+    ids, targets = data.collate(batch, pad_id)  # prompt positions and right padding carry no loss
+    with torch.no_grad():
+        hidden = head.decoder(input_ids=ids, use_cache=False).last_hidden_state
+    hidden64, weight64 = hidden.double().requires_grad_(), head.weight.detach().double()
+    reference = per_example_loss(hidden64 @ weight64.T, targets)
+    (expected_grad,) = torch.autograd.grad(reference.sum(), hidden64)
+    for chunk in (3, 512):  # chunking over target positions does not change the result
+        loss, grad = hidden_state_loss_grad(hidden64.detach(), weight64, targets, token_chunk=chunk)
+        assert torch.allclose(loss, reference.detach(), atol=1e-10)
+        assert torch.allclose(grad, expected_grad, atol=1e-12)
+    assert expected_grad[targets == data.IGNORE].abs().max() == 0
+
+
+def test_projection_buffer_size_does_not_change_features(lora_model: tuple) -> None:
+    model, tokenizer, pad_id = lora_model
+    texts = [f"Problem {i}: if $a = {i}$ then $a^2 = {i * i}$ and $2a = {2 * i}$." for i in range(7)]
+    batch = [data.encode(tokenizer, "", t, 48) for t in texts]
+    projector = RademacherProjector(sum(p.numel() for _, p in trainable_parameters(model)), 64, seed=3)
+    per_chunk = gradient_features(model, batch, projector=projector, pad_id=pad_id, chunk_size=2, project_bytes=0)
+    buffered = gradient_features(model, batch, projector=projector, pad_id=pad_id, chunk_size=2)
+    assert torch.allclose(per_chunk, buffered, atol=1e-6)
 
 
 def test_scores_weight_checkpoints_average_subtasks_and_take_the_max() -> None:

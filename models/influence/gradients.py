@@ -78,6 +78,65 @@ def lora_layers(model: Any) -> list[_LoraLayer] | None:
     return layers if layers and covered == trainable else None
 
 
+@dataclass
+class _OutputHead:
+    decoder: Any   # the transformer body: input_ids → final (normed) hidden states
+    weight: Any    # the frozen LM head (vocab × hidden); logits = hidden @ weightᵀ
+
+
+def output_head(model: Any) -> _OutputHead | None:
+    """The body and frozen bias-free linear LM head of a plain causal LM, else ``None`` (soft-capped or
+    scaled logits, a head with a bias or a LoRA: the autograd path through the full logits)."""
+    import torch
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    config = getattr(base, "config", None)
+    plain = (type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
+             and decoder is not None and decoder is not base
+             and not getattr(config, "final_logit_softcapping", None) and not hasattr(config, "logit_scale"))
+    return _OutputHead(decoder, head.weight) if plain else None
+
+
+def hidden_state_loss_grad(hidden: Any, weight: Any, targets: Any, token_chunk: int = 512) -> tuple[Any, Any]:
+    """Per-row mean cross-entropy of ``hidden @ weightᵀ`` and its gradient w.r.t. ``hidden``, fused.
+
+    For Σ_i loss_i with loss_i = mean over row i's target tokens of CE, the gradient at a target
+    position t of row i is ``(softmax(z_t) − onehot(y_t)) / n_i · W``. Only target positions are
+    computed (prompt and padding rows of the logits are never formed), ``token_chunk`` positions at a
+    time, so the (tokens × vocab) logits never exist in full: the same two matmuls as autograd through
+    the LM head, without the cache-thrashing full-batch log-softmax and its backward.
+    """
+    import torch
+
+    rows, width = hidden.shape[0], hidden.shape[-1]
+    mask = targets != IGNORE
+    counts = mask.sum(-1)
+    flat_hidden = hidden.detach().reshape(-1, width)
+    positions = mask.reshape(-1).nonzero().squeeze(-1)
+    token_rows = positions // targets.shape[1]
+    token_weight = 1.0 / counts.clamp(min=1).to(hidden.dtype)[token_rows]
+    token_targets = targets.reshape(-1)[positions]
+    grad_hidden = torch.zeros_like(flat_hidden)
+    loss = torch.zeros(rows, dtype=hidden.dtype, device=hidden.device)
+    for lo in range(0, positions.numel(), max(1, token_chunk)):
+        at = positions[lo: lo + token_chunk]
+        logits = flat_hidden[at] @ weight.T
+        target = token_targets[lo: lo + token_chunk]
+        target_logit = logits.gather(1, target[:, None]).squeeze(1)
+        peak = logits.amax(dim=-1, keepdim=True)
+        probs = logits.sub_(peak).exp_()  # one exp per logit: shifted, then normalised in place
+        total = probs.sum(dim=-1, keepdim=True)
+        w = token_weight[lo: lo + token_chunk]
+        log_norm = (peak + total.log()).squeeze(1)
+        loss.index_add_(0, token_rows[lo: lo + token_chunk], (log_norm - target_logit) * w)
+        probs.div_(total)
+        probs[torch.arange(at.numel(), device=at.device), target] -= 1.0
+        grad_hidden[at] = probs.mul_(w[:, None]) @ weight
+    return loss, grad_hidden.view_as(hidden)
+
+
 def grads_factored(model: Any, input_ids: Any, targets: Any, layers: Sequence[_LoraLayer],
                    order: Sequence[str]) -> Any:
     """(rows × P) per-example gradients from one batched forward/backward (see module doc)."""
@@ -90,10 +149,18 @@ def grads_factored(model: Any, input_ids: Any, targets: Any, layers: Sequence[_L
         handles.append(lora_a.register_forward_hook(
             lambda _m, inputs, output, i=i: captured[i].update(x=inputs[0], h=output)))
         handles.append(lora_b.register_forward_hook(lambda _m, _in, output, i=i: captured[i].update(z=output)))
+    outputs = [None] * len(layers)
     try:
-        logits = model(input_ids=input_ids, use_cache=False).logits
-        loss = per_example_loss(logits, targets).sum()
-        deltas = torch.autograd.grad(loss, [captured[i]["z"] for i in range(len(layers))])
+        head = output_head(model)
+        if head is not None:  # fused LM head + cross-entropy: ∂/∂hidden without full logits
+            hidden = head.decoder(input_ids=input_ids, use_cache=False).last_hidden_state
+            _, grad_hidden = hidden_state_loss_grad(hidden, head.weight.detach(), targets)
+            outputs = [captured[i]["z"] for i in range(len(layers))]
+            deltas = torch.autograd.grad(hidden, outputs, grad_outputs=grad_hidden)
+        else:
+            logits = model(input_ids=input_ids, use_cache=False).logits
+            loss = per_example_loss(logits, targets).sum()
+            deltas = torch.autograd.grad(loss, [captured[i]["z"] for i in range(len(layers))])
     finally:
         for handle in handles:
             handle.remove()
@@ -213,11 +280,15 @@ def per_example_gradients(model: Any, batch: Sequence[Encoded], pad_id: int, met
 
 
 def gradient_features(model: Any, examples: Sequence[Encoded], *, projector: Any, pad_id: int,
-                      chunk_size: int, method: Method = "factored", moments: Moments | None = None) -> Any:
+                      chunk_size: int, method: Method = "factored", moments: Moments | None = None,
+                      project_bytes: int = 256 << 20) -> Any:
     """L2-normalised projected features (n × d), in the order of ``examples``.
 
     Examples are processed in chunks of similar length (sorted by length: little padding), each
-    chunk's gradients preconditioned (``moments`` given: candidates) and projected at once.
+    chunk's gradients preconditioned (``moments`` given: candidates). Preconditioned gradients are
+    buffered up to ``project_bytes`` and projected together: every pass over R costs the same memory
+    traffic whatever the row count, so a projection of many rows at once is compute-bound where one
+    of a single chunk is bound by reading R.
     """
     import torch
 
@@ -225,6 +296,17 @@ def gradient_features(model: Any, examples: Sequence[Encoded], *, projector: Any
     model.eval()  # dropout off: features are deterministic
     order = sorted(range(len(examples)), key=lambda i: (len(examples[i].input_ids), i))
     out = torch.empty(len(examples), projector.dim, dtype=projector.dtype, device=projector.device)
+    row_bytes = projector.num_params * torch.empty((), dtype=projector.dtype).element_size()
+    project_rows = max(1, chunk_size, project_bytes // max(1, row_bytes))
+    pending: list[tuple[list[int], Any]] = []
+
+    def flush() -> None:
+        if pending:
+            index = [i for rows, _ in pending for i in rows]
+            grads = torch.cat([g for _, g in pending]) if len(pending) > 1 else pending[0][1]
+            out[torch.tensor(index, device=out.device)] = projector.project(grads)
+            pending.clear()
+
     try:
         for lo in range(0, len(order), max(1, chunk_size)):
             index = order[lo: lo + chunk_size]
@@ -233,7 +315,11 @@ def gradient_features(model: Any, examples: Sequence[Encoded], *, projector: Any
                 if moments is not None:
                     grads = adam_precondition(grads, moments.exp_avg, moments.exp_avg_sq,
                                               moments.beta1, moments.beta2, moments.eps)
-                out[torch.tensor(index, device=out.device)] = projector.project(grads.detach())
+                pending.append((index, grads.detach()))
+                if sum(len(rows) for rows, _ in pending) >= project_rows:
+                    flush()
+        with torch.no_grad():
+            flush()
     finally:
         model.train(was_training)
     return torch.nn.functional.normalize(out, dim=1)

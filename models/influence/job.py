@@ -44,6 +44,7 @@ SCORES = "gold.influence_scores"
 SELECTED = "gold.selected_texts"
 # Settings that do not change a score (runtime knobs and the selection) stay out of the run id.
 RUNTIME_FIELDS = {"top_k", "top_fraction", "num_shards", "device", "grad_chunk_size", "projection_cache_mb",
+                  "projection_batch_mb",
                   "gradient_method", "torch_threads", "targets"}
 
 
@@ -204,7 +205,7 @@ def prepare(settings: Settings, config: InfluenceSettings, input_version: int | 
         load_checkpoint(model, folder / "checkpoints" / info.name, config)
         features[info.name] = gradient_features(
             model, target_encoded, projector=projector, pad_id=pad_id, chunk_size=config.grad_chunk_size,
-            method=config.gradient_method).cpu().contiguous()
+            method=config.gradient_method, project_bytes=config.projection_batch_mb << 20).cpu().contiguous()
     save_file(features, str(folder / "target_features.safetensors"))
 
     manifest = {
@@ -263,7 +264,7 @@ def score_shard(settings: Settings, config: InfluenceSettings, run_id: str, shar
             continue
         feats = gradient_features(model, encoded, projector=projector, pad_id=pad_id,
                                   chunk_size=config.grad_chunk_size, method=config.gradient_method,
-                                  moments=moments)
+                                  moments=moments, project_bytes=config.projection_batch_mb << 20)
         weight = manifest["checkpoint_weights"][len(names) - 1]
         term = weight * (feats @ targets[info["name"]].to(feats.device, feats.dtype).T)
         similarity = term if similarity is None else similarity + term
