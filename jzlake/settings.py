@@ -78,6 +78,12 @@ class SparkSettings(_Section):
     jars_dir: str = "var/jars"
     shuffle_partitions: int = 8
     driver_memory: str = "3g"
+    # Executors' Python. None: this interpreter when the master runs on this host (local[*], a
+    # standalone master on loopback), else the cluster's own (the image's `python3`).
+    executor_python: str | None = None
+    # Ship jzlake + spark_jobs to executors as a zip (spark.submit.pyFiles). None: only when the
+    # master is on another host; false when the executor image already has the project installed.
+    ship_code: bool | None = None
     conf: dict[str, str] = Field(default_factory=dict)
 
 

@@ -90,10 +90,9 @@ def job_application(job: str) -> str:
 
 def submit_conf(settings: Settings) -> dict[str, str]:
     """``spark_conf(settings)`` minus what spark-submit takes by flag or from the connection."""
-    conf = {k: v for k, v in spark_conf(settings).items() if k not in NOT_AS_CONF}
-    # The parsing process's sys.path (dags/, AIRFLOW_HOME/...) means nothing to executors.
-    conf["spark.executorEnv.PYTHONPATH"] = str(project_root())
-    return conf
+    # Executors' Python and code follow spark.master (session.executor_python_conf): on this host the
+    # project folder, on a cluster a shipped zip; the parsing process's sys.path never travels.
+    return {k: v for k, v in spark_conf(settings).items() if k not in NOT_AS_CONF}
 
 
 def submit_env(settings: Settings) -> dict[str, str]:

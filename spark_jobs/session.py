@@ -8,9 +8,13 @@ Delta jars come from the ignored cache filled by ``infra/fetch-delta-jars.sh`` (
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import sys
+import zipfile
+from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from jzlake.catalogue import Table
 
@@ -26,6 +30,9 @@ DELTA_CONF = {
 
 # Settings spark-submit decides for a submitted application; the session must not override them.
 SUBMIT_OWNED = frozenset({"spark.master", "spark.jars", "spark.driver.memory", "spark.submit.deployMode"})
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_PACKAGES = ("jzlake", "spark_jobs")
+LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
 def delta_jars(settings: Settings) -> list[str]:
@@ -50,15 +57,66 @@ def spark_conf(settings: Settings) -> dict[str, str]:
         "spark.ui.showConsoleProgress": "false",
         "spark.ui.enabled": "false",
         "spark.databricks.delta.schema.autoMerge.enabled": "false",
-        # Executors run the same interpreter as the driver (the project's virtualenv).
-        "spark.pyspark.python": sys.executable,
         "spark.pyspark.driver.python": sys.executable,
-        "spark.executorEnv.PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
         "spark.driver.memory": settings.spark.driver_memory,
         "spark.sql.execution.arrow.pyspark.enabled": "true",
+        **executor_python_conf(settings),
     }
     conf.update(settings.spark.conf)
     return conf
+
+
+def master_on_this_host(master: str) -> bool:
+    """``local[*]``, ``local-cluster[…]`` and a standalone master on loopback share this host's files."""
+    if master.startswith("local"):
+        return True
+    first = urlsplit(master.split(",")[0])  # spark://h1:7077,h2:7077 (standby masters)
+    return first.scheme == "spark" and first.hostname in LOOPBACK
+
+
+def executor_python_conf(settings: Settings) -> dict[str, str]:
+    """How executors find Python and the project's code.
+
+    On this host: the driver's interpreter (the project's virtualenv) and the project folder on
+    ``PYTHONPATH``. On a cluster the driver's paths mean nothing: the executors' own Python (or
+    ``spark.executor_python``) and the code shipped as a zip, unless ``ship_code`` is false (an
+    image that has the project installed, as ``infra/docker/Dockerfile`` builds).
+    """
+    local = master_on_this_host(settings.spark.master)
+    conf = {}
+    python = settings.spark.executor_python or (sys.executable if local else None)
+    if python:
+        conf["spark.pyspark.python"] = python
+    ship = settings.spark.ship_code if settings.spark.ship_code is not None else not local
+    if ship:
+        conf["spark.submit.pyFiles"] = str(code_archive(settings.path("var/dist")))
+    elif local:
+        conf["spark.executorEnv.PYTHONPATH"] = str(PROJECT_ROOT)
+    return conf
+
+
+def code_archive(folder: str | Path) -> Path:
+    """A zip of the ``jzlake`` and ``spark_jobs`` packages, named by its content hash (reproducible:
+    sorted entries, fixed timestamps), so concurrent jobs never overwrite each other's archive."""
+    files = sorted(
+        path for package in SHIPPED_PACKAGES for path in (PROJECT_ROOT / package).rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts and path.suffix not in {".pyc", ".pyo"}
+    )
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.relative_to(PROJECT_ROOT).as_posix().encode() + b"\0" + path.read_bytes())
+    target = Path(folder) / f"jzlake-code-{digest.hexdigest()[:16]}.zip"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_suffix(f".{os.getpid()}.tmp")
+    with zipfile.ZipFile(staging, "w", zipfile.ZIP_DEFLATED) as archive:
+        for path in files:
+            info = zipfile.ZipInfo(path.relative_to(PROJECT_ROOT).as_posix(), date_time=(1980, 1, 1, 0, 0, 0))
+            info.external_attr = 0o644 << 16
+            archive.writestr(info, path.read_bytes(), zipfile.ZIP_DEFLATED)
+    staging.replace(target)
+    return target
 
 
 def get_spark(settings: Settings, app_name: str | None = None) -> SparkSession:
