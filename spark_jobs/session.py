@@ -134,6 +134,10 @@ def get_spark(settings: Settings, app_name: str | None = None) -> SparkSession:
         builder = builder.master(settings.spark.master)
     for key, value in conf.items():
         builder = builder.config(key, value)
+    if "spark.pyspark.python" in conf:
+        # PySpark takes the Python workers' interpreter from this process's PYSPARK_PYTHON (spark-submit
+        # sets it from the conf; a session built here must do it itself), else plain `python3`.
+        os.environ.setdefault("PYSPARK_PYTHON", conf["spark.pyspark.python"])
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     return spark

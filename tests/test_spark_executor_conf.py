@@ -54,3 +54,10 @@ def test_code_archive_is_reproducible_and_configurable(tmp_path: Path) -> None:
     conf = spark_conf(settings)
     assert conf["spark.pyspark.python"] == "/opt/py/bin/python"
     assert "spark.submit.pyFiles" not in conf and "spark.executorEnv.PYTHONPATH" not in conf
+
+
+@pytest.mark.spark
+def test_python_workers_run_this_virtualenv(spark) -> None:
+    """Not a `python3` from PATH that only imports our packages through a borrowed PYTHONPATH."""
+    seen = spark.sparkContext.parallelize(range(2), 2).map(lambda _: (sys.prefix, sys.executable)).collect()
+    assert {prefix for prefix, _ in seen} == {sys.prefix}, seen
