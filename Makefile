@@ -16,9 +16,14 @@ help:
 
 setup: $(VENV)/.installed jars
 
+# The interpreter the virtualenv is made from: python3.11 when installed, else python3 if it is 3.11.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+
 $(VENV)/.installed: requirements/lock.txt pyproject.toml
-	@command -v python3.11 >/dev/null || command -v python3 >/dev/null || { echo "python3.11 is required" >&2; exit 1; }
-	test -x $(PY) || python3 -m venv $(VENV)
+	@test -n "$(PYTHON)" || { echo "Python 3.11 is required (python3.11 or python3 on PATH)" >&2; exit 1; }
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || { \
+	  echo "Python 3.11 is required; $(PYTHON) is $$($(PYTHON) -V 2>&1). Set PYTHON=/path/to/python3.11" >&2; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q uv==0.13.8
 	@# Bytecode is compiled at install time: with PYTHONDONTWRITEBYTECODE set, every process
 	@# would otherwise recompile torch/transformers from source (~1 min per import on 2 cores).
