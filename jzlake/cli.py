@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from jzlake.settings import Settings, load_settings
+from jzlake.settings import Settings, is_uri, load_settings
 
 # subcommand -> (module, one-line help). Later stages add a line here.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -50,14 +51,24 @@ def run_spark_job(stage: Any, name: str, settings: Settings, run_id: str | None 
     return summary
 
 
-def parse_key_values(pairs: Sequence[str] | None, flag: str) -> dict[str, str]:
-    """``["a=x", "b=y"]`` → ``{"a": "x", "b": "y"}`` with a clear error on a malformed pair."""
+def cli_path(value: str) -> str:
+    """A path typed on the command line, made absolute from the caller's working directory.
+
+    Settings resolve relative paths against ``home`` (the repository): right for the config file
+    and the defaults, wrong for ``jzlake curate --lake-root mylake`` typed in another folder.
+    URIs are returned unchanged."""
+    return value if is_uri(value) else os.path.abspath(os.path.expanduser(value))
+
+
+def parse_key_values(pairs: Sequence[str] | None, flag: str, paths: bool = False) -> dict[str, str]:
+    """``["a=x", "b=y"]`` → ``{"a": "x", "b": "y"}`` with a clear error on a malformed pair;
+    ``paths``: values are command-line paths (``cli_path``)."""
     result: dict[str, str] = {}
     for pair in pairs or []:
         name, sep, value = pair.partition("=")
         if not sep or not name or not value:
             raise SystemExit(f"{flag} expects NAME=VALUE, got {pair!r}")
-        result[name] = value
+        result[name] = cli_path(value) if paths else value
     return result
 
 
@@ -84,7 +95,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def settings_from_args(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {}
     if getattr(args, "lake_root", None):
-        overrides["lake"] = {"root": args.lake_root}
+        overrides["lake"] = {"root": cli_path(args.lake_root)}
     return load_settings(args.config, overrides=overrides)
 
 

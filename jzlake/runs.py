@@ -2,7 +2,8 @@
 
 Stages run in one process (``jzlake curate``) or as separate Airflow tasks; both write their
 summary here under the shared run id, so the report can reconcile the whole run either way.
-Paths may be local or object-store URIs (pyarrow's filesystem layer handles both).
+Paths may be local or object-store URIs (pyarrow's filesystem layer handles both; ``s3a://``
+is mapped to pyarrow's ``s3://`` by ``jzlake.uris``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import json
 import re
 from typing import Any
 
-from jzlake.settings import Settings, is_uri
+from jzlake.settings import Settings
+from jzlake.uris import arrow_filesystem
 
 
 def safe_run_id(run_id: str) -> str:
@@ -24,11 +26,8 @@ def run_dir(settings: Settings, run_id: str) -> str:
 
 
 def _fs(path: str) -> tuple[Any, str]:
-    from pyarrow import fs
-
-    if is_uri(path):
-        return fs.FileSystem.from_uri(path)
-    return fs.LocalFileSystem(), path
+    """``(pyarrow FileSystem, inner path)`` for a run-folder path or URI (``s3a://`` included)."""
+    return arrow_filesystem(path)
 
 
 def write_text(path: str, text: str) -> str:

@@ -11,6 +11,7 @@ from typing import Any
 
 from jzlake import catalogue
 from jzlake.settings import Settings
+from jzlake.uris import arrow_uri
 
 
 def describe_table(table: catalogue.Table, settings: Settings) -> dict[str, Any]:
@@ -18,8 +19,8 @@ def describe_table(table: catalogue.Table, settings: Settings) -> dict[str, Any]
     from deltalake import DeltaTable
     from deltalake.exceptions import TableNotFoundError
 
-    try:
-        delta = DeltaTable(table.uri(settings))
+    try:  # delta-rs wants s3:// where Spark's lake root says s3a://
+        delta = DeltaTable(arrow_uri(table.uri(settings)))
     except TableNotFoundError:
         return {"version": None, "rows": None, "uri": table.uri(settings)}
     rows = delta.to_pyarrow_dataset().count_rows()

@@ -43,7 +43,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from jzlake import catalogue
-from jzlake.settings import Settings, is_uri
+from jzlake.settings import Settings
+from jzlake.uris import arrow_filesystem, arrow_uri
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -58,14 +59,14 @@ class LakeIOError(RuntimeError):
 
 def table_uri(settings: Settings, full_name: str) -> str:
     """Where ``full_name`` lives (``file://`` stripped: delta-rs takes plain local paths)."""
-    return catalogue.table(full_name).uri(settings).removeprefix("file://")
+    return arrow_uri(catalogue.table(full_name).uri(settings)).removeprefix("file://")
 
 
 def staging_root(settings: Settings) -> str:
     """Root of per-shard staged outputs (``settings.gpu.staging_dir`` or ``<lake root>/_staging``)."""
     if settings.gpu.staging_dir:
-        return settings.path(settings.gpu.staging_dir).removeprefix("file://")
-    return f"{settings.lake_root.rstrip('/')}/_staging".removeprefix("file://")
+        return arrow_uri(settings.path(settings.gpu.staging_dir)).removeprefix("file://")
+    return arrow_uri(f"{settings.lake_root.rstrip('/')}/_staging").removeprefix("file://")
 
 
 def shard_file_name(shard_index: int, num_shards: int) -> str:
@@ -78,11 +79,7 @@ def staged_dir(settings: Settings, full_name: str, run_id: str) -> str:
 
 
 def _filesystem(path: str) -> tuple[Any, str]:
-    from pyarrow import fs
-
-    if is_uri(path):
-        return fs.FileSystem.from_uri(path)
-    return fs.LocalFileSystem(), path
+    return arrow_filesystem(path)
 
 
 # ---- reading ------------------------------------------------------------------------------------

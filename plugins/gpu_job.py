@@ -39,7 +39,8 @@ from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperato
 from airflow.sdk import BaseOperator
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from jzlake.settings import Settings, is_uri
+from jzlake.settings import Settings
+from jzlake.uris import arrow_filesystem
 from plugins.gpu_backends import kubernetes_pod_kwargs, run_local
 
 if TYPE_CHECKING:
@@ -147,9 +148,7 @@ class ShardMarkers:
         return f"{self.root}/{spec.name}/{_safe(spec.run_key)}/shard-{shard:05d}-of-{spec.num_shards:05d}.json"
 
     def _fs(self, path: str) -> tuple[Any, str]:
-        from pyarrow import fs
-
-        return fs.FileSystem.from_uri(path) if is_uri(path) else (fs.LocalFileSystem(), path)
+        return arrow_filesystem(path)
 
     def read(self, spec: GpuJobSpec) -> dict[str, Any] | None:
         """The marker of ``spec``'s shard, or ``None`` when the shard has not finished."""

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 
 from jzlake.settings import Settings
+from jzlake.uris import arrow_uri
 from plugins.dag_settings import config_file
 from spark_jobs.session import SUBMIT_OWNED, delta_jars, spark_conf
 
@@ -139,7 +140,7 @@ def describe_delta(uri: str) -> dict[str, Any]:
     from deltalake.exceptions import TableNotFoundError
 
     try:
-        table = DeltaTable(uri.removeprefix("file://"))
+        table = DeltaTable(arrow_uri(uri).removeprefix("file://"))
     except TableNotFoundError:
         return {"version": None, "rows": None}
     return {"version": table.version(), "rows": table.to_pyarrow_dataset().count_rows()}

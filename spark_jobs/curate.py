@@ -72,6 +72,8 @@ def summarize(run_id: str, stages: dict[str, dict[str, Any]], report: dict[str, 
         # document a changed benchmark set now flags.
         "displaced_survivors": dedupe.get("displaced_survivors", 0),
         "removed_from_gold": decon.get("removed_from_gold", 0),
+        # Documents of earlier runs a stage picked up now (ingested + carried = every outcome above).
+        "carried_from_earlier_runs": report["carried_from_earlier_runs"],
         "balanced": report["balanced"],
         "report": report["report_html"],
         "tables": {name: {"version": info["version"], "rows": info["rows"]} for name, info in tables.items()},
@@ -101,11 +103,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-id", help="run id to stamp on rows (default: a new one)")
 
 
+def settings_for(args: argparse.Namespace, settings: Settings) -> Settings:
+    """``settings`` with this command's ``--source``/``--benchmark`` flags applied (their paths
+    relative to the caller's working directory, like ``--lake-root``)."""
+    return with_cli_inputs(settings, parse_key_values(args.source, "--source", paths=True),
+                           parse_key_values(args.benchmark, "--benchmark", paths=True))
+
+
 def run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     from spark_jobs.session import get_spark
 
-    settings = with_cli_inputs(settings, parse_key_values(args.source, "--source"),
-                               parse_key_values(args.benchmark, "--benchmark"))
+    settings = settings_for(args, settings)
     spark = get_spark(settings, app_name="jzlake-curate")
     return run_curation(spark, settings, args.run_id or new_run_id("curate"))
 

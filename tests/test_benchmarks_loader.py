@@ -3,6 +3,7 @@ ASDiv / MAWPS / TabMWP-shaped files that load from configuration alone."""
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -99,6 +100,29 @@ def test_problem_plus_answer_jsonl_loads_without_config(tmp_path) -> None:
     path.write_text('{"problem": "What is $1+1$?", "answer": "2"}\n\n{"problem": "And 2+2?", "answer": 4}\n')
     items = load_benchmark("any", BenchmarkSettings(path=str(path)))
     assert [(i.item_id, i.text, i.answer) for i in items] == [("0", "What is $1+1$?", "2"), ("1", "And 2+2?", "4")]
+
+
+def test_question_answer_json_list_loads_without_config(tmp_path) -> None:
+    # A plain JSON list (not JSON lines) of question/answer items, under a name no setting knows.
+    path = tmp_path / "quiz.json"
+    path.write_text(json.dumps([
+        {"question": "Tom has 3 apples and buys 4 more. How many apples does he have?", "answer": "7"},
+        {"question": "A train goes 60 km in 1.5 hours. What is its speed in km/h?", "answer": 40,
+         "source": "worksheet"},
+    ], indent=2))
+    items = load_benchmark("quiz", BenchmarkSettings(path=str(path)))
+    assert [(i.benchmark, i.item_id, i.answer) for i in items] == [("quiz", "0", "7"), ("quiz", "1", "40")]
+    assert items[1].text == "A train goes 60 km in 1.5 hours. What is its speed in km/h?"
+    assert items[1].metadata == {"source": "worksheet"}
+
+
+def test_gzipped_jsonl_benchmark_loads_whole(tmp_path) -> None:
+    rows = [{"question": f"What is {i} + {i}?", "answer": f"#### {2 * i}"} for i in range(250)]
+    path = tmp_path / "sums.jsonl.gz"
+    path.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
+    items = load_benchmark("sums", BenchmarkSettings(path=str(path)))
+    assert [(i.item_id, i.text, i.answer) for i in items] == [
+        (str(n), r["question"], str(2 * n)) for n, r in enumerate(rows)]
 
 
 def test_errors_name_the_item_and_the_fix(tmp_path) -> None:

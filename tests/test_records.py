@@ -60,6 +60,10 @@ def write_broken_source(folder: Path, huge_bytes: int = 50_000_000) -> dict[tupl
             out.write(block)
         out.write(b'"}\n')
         out.write(json.dumps({"id": "after-huge", "text": GOOD_TEXT}).encode() + b"\n")
+        # Valid UTF-8 and valid JSON, but the \ud800 escape decodes to a lone surrogate that no
+        # UTF-8 writer (Arrow, Delta) accepts. (Here, not in mixed.jsonl, whose counts the
+        # Spark test re-reads.)
+        out.write(b'{"id": "lone-surrogate", "text": "half a pair: \\ud800 ' + GOOD_TEXT.encode() + b'"}\n')
     lines = b"".join(json.dumps({"id": f"gz-{i:03d}", "text": f"{i} {GOOD_TEXT} {i * 7919}"}).encode() + b"\n"
                      for i in range(400))
     packed = gzip.compress(lines)
@@ -72,6 +76,7 @@ def write_broken_source(folder: Path, huge_bytes: int = 50_000_000) -> dict[tupl
         ("mixed.jsonl", 4): "not_an_object", ("mixed.jsonl", 5): "missing_text",
         ("mixed.jsonl", 6): "non_string_text", ("mixed.jsonl", 7): "empty_text",
         ("mixed.jsonl", 11): "conflicting_doc_id", ("big.jsonl", 2): "too_large",
+        ("big.jsonl", 4): "invalid_utf8",
         ("rows.parquet", 2): "missing_text", ("rows.parquet", 3): "empty_text",
         ("notes.txt", 0): "unreadable_file",
         # trunc.jsonl.gz: one unreadable_file after the lines that decompressed (line depends on zlib)
@@ -179,11 +184,20 @@ def test_a_50_mb_line_is_quarantined_with_bounded_memory(broken):
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert [type(r).__name__ for r in rows] == ["Document", "Quarantined", "Document"]
+    assert [type(r).__name__ for r in rows] == ["Document", "Quarantined", "Document", "Quarantined"]
     huge = rows[1]
     assert huge.reason == "too_large" and huge.line == 2 and huge.byte_size > 50_000_000
     assert len(huge.raw_sample) == 200 and huge.raw_sample.startswith('{"id": "huge"')
     assert peak < 20_000_000, f"peak {peak / 1e6:.1f} MB while reading a 50 MB line"
+
+
+def test_a_lone_surrogate_escape_is_invalid_utf8(broken):
+    folder, _ = broken
+    rec = _read(folder / "big.jsonl", max_doc_bytes=5_000_000)[3]
+    assert isinstance(rec, Quarantined) and (rec.line, rec.reason) == (4, "invalid_utf8")
+    assert "unpaired surrogate at character 13" in rec.detail and "escape without its pair" in rec.detail
+    assert rec.raw_sample.startswith('{"id": "lone-surrogate"')
+    rec.raw_sample.encode("utf-8")  # the quarantine row itself must be writable
 
 
 def test_line_reader_never_buffers_more_than_the_cap():
@@ -201,6 +215,15 @@ def test_truncated_gzip_keeps_the_lines_before_the_damage(broken):
     last = rows[-1]
     assert isinstance(last, Quarantined) and last.reason == "unreadable_file"
     assert last.line == len(docs) + 1 and "Records before it were ingested" in last.detail
+
+
+def test_a_complete_gzipped_jsonl_file_loads_every_record(tmp_path):
+    rows = [{"id": f"z-{i}", "text": f"{GOOD_TEXT} {i}"} for i in range(300)]
+    path = tmp_path / "whole.jsonl.gz"
+    path.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
+    got = _read(path, source="gz")
+    assert all(isinstance(r, Document) for r in got), [r for r in got if isinstance(r, Quarantined)][:1]
+    assert [(d.line, d.native_id, d.text) for d in got] == [(i + 1, r["id"], r["text"]) for i, r in enumerate(rows)]
 
 
 def test_parquet_rows_map_like_json_objects(broken):
@@ -242,3 +265,32 @@ def test_expand_glob_matches_like_a_shell_and_skips_hidden_files(tmp_path):
     assert names("missing/*.jsonl") == []
     task = expand_glob(str(tmp_path / "a/x.jsonl"), "s")[0]
     assert task.size == 3 and task.mtime > 0
+
+
+def test_s3a_sources_are_listed_and_read_through_pyarrows_s3_filesystem(tmp_path, monkeypatch):
+    """Spark's ``s3a://`` spelling reaches pyarrow as S3; file paths keep the user's spelling."""
+    from pyarrow import fs as pafs
+
+    import spark_jobs.transforms.records as records
+    from jzlake.uris import arrow_filesystem
+
+    filesystem, inner = records.filesystem_for("s3a://bucket/raw/a.jsonl")
+    assert isinstance(filesystem, pafs.S3FileSystem) and inner == "bucket/raw/a.jsonl"
+
+    bucket = tmp_path / "bucket-standin"  # a local folder stands in for the bucket: no network
+    (bucket / "bucket/raw/sub").mkdir(parents=True)
+    (bucket / "bucket/raw/a.jsonl").write_text(json.dumps({"id": "a", "text": GOOD_TEXT}) + "\n")
+    (bucket / "bucket/raw/sub/b.jsonl").write_text(json.dumps({"id": "b", "text": GOOD_TEXT}) + "\n")
+    kinds: set[type] = set()
+
+    def stand_in(path):
+        real, inner = arrow_filesystem(path)
+        kinds.add(type(real))
+        return pafs.SubTreeFileSystem(str(bucket), pafs.LocalFileSystem()), inner
+
+    monkeypatch.setattr(records, "arrow_filesystem", stand_in)
+    tasks = expand_glob("s3a://bucket/raw/**/*.jsonl", "s3src")
+    assert [t.path for t in tasks] == ["s3a://bucket/raw/a.jsonl", "s3a://bucket/raw/sub/b.jsonl"]
+    docs = [r for t in tasks for r in read_file(t, FieldMapping())]
+    assert [(d.doc_id, d.file) for d in docs] == [("s3src:a", tasks[0].path), ("s3src:b", tasks[1].path)]
+    assert kinds == {pafs.S3FileSystem}

@@ -67,3 +67,28 @@ def test_cli_inputs_replace_sources_and_add_benchmarks() -> None:
     assert {"gsm8k", "math500", "svamp", "asdiv"} <= set(updated.benchmarks)
     with pytest.raises(SystemExit, match="NAME=VALUE"):
         parse_key_values(["oops"], "--source")
+
+
+def test_command_line_paths_resolve_from_the_callers_directory(tmp_path: Path, monkeypatch) -> None:
+    from jzlake.cli import build_parser, settings_from_args
+    from spark_jobs.curate import settings_for
+
+    config = tmp_path / "conf" / "lake.yaml"  # a config file's own relative values stay home-relative
+    config.parent.mkdir()
+    config.write_text("lake: {runs_dir: var/myruns}\n")
+    caller = tmp_path / "elsewhere"
+    caller.mkdir()
+    monkeypatch.chdir(caller)
+    args = build_parser("curate").parse_args([
+        "curate", "--config", "../conf/lake.yaml", "--lake-root", "mylake",
+        "--source", "x=mydata/*.jsonl", "--source", "remote=s3a://bucket/raw/**/*.jsonl",
+        "--benchmark", "b=bench.jsonl"])
+    settings = settings_for(args, settings_from_args(args))
+    assert settings.lake_root == str(caller / "mylake")
+    assert settings.path(settings.sources["x"].glob) == str(caller / "mydata" / "*.jsonl")
+    assert settings.sources["remote"].glob == "s3a://bucket/raw/**/*.jsonl"  # URIs untouched
+    assert settings.path(settings.benchmarks["b"].path) == str(caller / "bench.jsonl")
+    home = Path(settings.home)
+    assert home != caller and settings.runs_dir == str(home / "var" / "myruns")
+    # Configured benchmarks (not named on the command line) still resolve against home.
+    assert settings.path(settings.benchmarks["gsm8k"].path).startswith(str(home))

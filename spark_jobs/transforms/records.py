@@ -4,9 +4,10 @@ The ingest job distributes *files* over Spark and runs ``read_file`` on each, so
 what actually touches the data. It must never lose a record silently: every non-blank line (or
 Parquet row) comes out either as a ``Document`` or as a ``Quarantined`` row with a reason.
 
-Files are opened with ``pyarrow.fs`` (``FileSystem.from_uri``): local paths, ``file://``, ``s3://``,
-``gs://``, ``hdfs://`` all work the same way on a cluster. JSONL is read as a byte stream in
-chunks, so a huge line costs at most ``max_doc_bytes`` of memory before it is quarantined.
+Files are opened with ``pyarrow.fs`` (``jzlake.uris.arrow_filesystem``): local paths, ``file://``,
+``s3a://``/``s3://``, ``gs://``, ``hdfs://`` all work the same way on a cluster. JSONL is read as a
+byte stream in chunks, so a huge line costs at most ``max_doc_bytes`` of memory before it is
+quarantined.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import ast
 import gzip
 import hashlib
 import json
-import os
 import posixpath
 import re
 import zlib
@@ -24,11 +24,13 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from jzlake.settings import FieldMapping
+from jzlake.uris import arrow_filesystem
 
 # Reasons a record goes to bronze.quarantine instead of bronze.documents.
 QUARANTINE_REASONS: dict[str, str] = {
     "invalid_json": "the line is not valid JSON; fix or drop the line in the source file",
-    "invalid_utf8": "the line is not valid UTF-8; re-encode the file as UTF-8",
+    "invalid_utf8": "the record is not valid UTF-8 (undecodable bytes, or a JSON \\ud800-\\udfff escape "
+                    "without its pair); re-encode the file as UTF-8 or fix the exporter's escaping",
     "not_an_object": "a JSON Lines record must be a JSON object ({...}); wrap the value in an object",
     "missing_text": "none of the mapped text fields is present; fix the record or the source's mapping.text",
     "non_string_text": "a mapped text field holds a non-string value; map a string field "
@@ -308,12 +310,9 @@ def _unreadable(task: FileTask, line: int, exc: BaseException, sample: str, size
 
 
 def filesystem_for(path: str) -> tuple[Any, str]:
-    """``(pyarrow FileSystem, path inside it)`` for a local path (relative ones too) or a URI."""
-    from pyarrow import fs as pafs
-
-    if "://" not in path and not path.startswith("file:"):
-        path = os.path.abspath(path)
-    return pafs.FileSystem.from_uri(path)
+    """``(pyarrow FileSystem, path inside it)`` for a local path (relative ones too) or a URI;
+    Spark's ``s3a://`` spelling is accepted (``jzlake.uris.arrow_filesystem``)."""
+    return arrow_filesystem(path)
 
 
 def open_binary(path: str) -> BinaryIO:
