@@ -6,9 +6,14 @@ from real sample text (GSM8K train questions as excerpts). Measured in the same 
 * requests/s through the ``openai`` backend at concurrency 1 and 8 (distinct prompts of the
   same shape, same ``max_tokens``), and their ratio ``concurrency_speedup``;
 * the engine + ledger overhead per request: the full ``run_generation`` path (dedupe, ledger
-  read, pending rows, budget reserve/settle, buffered Delta MERGEs) around an in-process
-  backend that answers instantly, so only our bookkeeping is timed (``ledger_overhead_ms``);
-  ``ledger_write_ms`` is the Delta part alone;
+  read, pending rows, budget reserve/settle, Delta MERGEs) around an in-process backend that
+  answers instantly, so only our bookkeeping is timed. ``ledger_overhead_ms``: the buffered
+  ledger (free local models, mass synthesis); ``ledger_write_through_overhead_ms``: the
+  write-through ledger of paid teachers (a durable ``sending`` row before each send, each answer
+  committed before the slot sends again), measured twice — a serial backend (the worst case: two
+  commits per request, nothing overlaps) and a backend with 8 requests in flight, where the
+  markers of requests dispatched together share a commit (``..._concurrent_ms``; on a real
+  server the commits overlap the requests still in flight). ``*_write_ms`` is the Delta part;
 * ``parse_per_s``: ``models.generation.parsing.parse_reply`` (sections, boxed answer, excerpt
   n-gram containment) on well-formed CoT replies built from GSM8K solutions, plus the tiny
   model's own replies from the concurrency runs (reported separately: they are mostly rejects).
@@ -75,6 +80,42 @@ class InstantBackend:
                                      0.0, "instant")
 
 
+class ConcurrentInstantBackend:
+    """Answers at once, but like ``openai``: pulls from its own thread with ``concurrency`` slots."""
+
+    name = "instant-concurrent"
+    pulls_concurrently = True
+
+    def __init__(self, concurrency: int = 8) -> None:
+        self.concurrency = concurrency
+
+    def generate(self, requests: Iterable[Any], before_retry: Any = None) -> Iterator[Any]:
+        import queue
+        import threading
+
+        from models.generation.types import GenerationResponse
+
+        out: queue.Queue = queue.Queue()
+        slots = threading.Semaphore(self.concurrency)
+        done = object()
+
+        def pull() -> None:
+            try:
+                for request in requests:
+                    slots.acquire()
+                    out.put(GenerationResponse(request.key, "## Problem\nx\n\n## Solution\n\\boxed{1}", "stop",
+                                               200, 50, 0.0, "instant"))
+            finally:
+                out.put(done)
+
+        thread = threading.Thread(target=pull, daemon=True)
+        thread.start()
+        while (item := out.get()) is not done:
+            yield item
+            slots.release()  # the slot is free once its answer was handed over
+        thread.join()
+
+
 def throughput(backend: Any, requests: list[Any]) -> tuple[float, list[Any]]:
     started = time.perf_counter()
     responses = list(backend.generate(requests))
@@ -110,27 +151,44 @@ def measure_concurrency(args: argparse.Namespace, rows: list[dict[str, str]]) ->
             "replies": [(r.text, r.finish_reason) for r in out1 + out8]}
 
 
-def measure_ledger(count: int, rows: list[dict[str, str]]) -> dict[str, Any]:
+def _ledger_run(requests: list[Any], backend: Any, write_through: bool) -> tuple[float, Any, float]:
+    """(seconds, report, seconds of the resume pass that skips everything) for one ledger mode."""
     from models.generation.budget import Budget
     from models.generation.engine import run_generation
     from models.generation.ledger import Ledger
 
-    requests = build_requests([rows[i % len(rows)] | {"question": f"{rows[i % len(rows)]['question']} #{i}"}
-                               for i in range(count)], "tiny-llama", 256, "ledger")
     with tempfile.TemporaryDirectory() as tmp:
-        ledger = Ledger(f"{tmp}/kd_requests", flush_every=32, flush_seconds=5.0)
+        ledger = Ledger(f"{tmp}/kd_requests", flush_every=32, flush_seconds=5.0, write_through=write_through)
         started = time.perf_counter()
-        report = run_generation(requests, InstantBackend(), ledger, Budget(max_calls=10 * count))
+        report = run_generation(requests, backend, ledger, Budget(max_calls=10 * len(requests)))
         elapsed = time.perf_counter() - started
-        assert report.succeeded == count, report
+        assert report.succeeded == len(requests) and report.write_through is write_through, report
         rerun_started = time.perf_counter()  # the resume path: read the ledger, skip everything
         rerun = run_generation(requests, InstantBackend(), Ledger(f"{tmp}/kd_requests"), Budget())
         rerun_elapsed = time.perf_counter() - rerun_started
-        assert rerun.skipped_done == count and rerun.sent == 0
+        assert rerun.skipped_done == len(requests) and rerun.sent == 0
+    return elapsed, report, rerun_elapsed
+
+
+def measure_ledger(count: int, write_through_count: int, rows: list[dict[str, str]]) -> dict[str, Any]:
+    def requests(n: int, tag: str) -> list[Any]:
+        return build_requests([rows[i % len(rows)] | {"question": f"{rows[i % len(rows)]['question']} #{i}"}
+                               for i in range(n)], "tiny-llama", 256, tag)
+
+    elapsed, report, rerun_elapsed = _ledger_run(requests(count, "ledger"), InstantBackend(), write_through=False)
+    wt_elapsed, wt, _ = _ledger_run(requests(write_through_count, "wt"), InstantBackend(), write_through=True)
+    wtc_elapsed, wtc, _ = _ledger_run(requests(write_through_count, "wtc"), ConcurrentInstantBackend(8),
+                                   write_through=True)
     return {"ledger_requests": count, "ledger_overhead_ms": round(1000 * elapsed / count, 3),
             "ledger_write_ms": round(1000 * report.ledger_seconds / count, 3),
             "ledger_flushes": report.ledger_flushes,
-            "resume_skip_ms": round(1000 * rerun_elapsed / count, 3)}
+            "resume_skip_ms": round(1000 * rerun_elapsed / count, 3),
+            "ledger_write_through_requests": write_through_count,
+            "ledger_write_through_overhead_ms": round(1000 * wt_elapsed / write_through_count, 3),
+            "ledger_write_through_write_ms": round(1000 * wt.ledger_seconds / write_through_count, 3),
+            "ledger_write_through_commits": wt.ledger_commits,
+            "ledger_write_through_concurrent_ms": round(1000 * wtc_elapsed / write_through_count, 3),
+            "ledger_write_through_concurrent_commits": wtc.ledger_commits}
 
 
 def measure_parsing(rows: list[dict[str, str]], model_replies: list[tuple[str, str]], repeat: int) -> dict[str, Any]:
@@ -157,6 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the server")
     parser.add_argument("--ledger-requests", type=int, default=2000)
+    parser.add_argument("--write-through-requests", type=int, default=200,
+                        help="requests for the write-through measurements (two commits each)")
     parser.add_argument("--parse-repeat", type=int, default=5, help="passes over the 600 GSM8K replies")
     args = parser.parse_args(argv)
     rows = gsm8k_rows()
@@ -166,14 +226,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_before = os.getloadavg()[0]
     concurrency = measure_concurrency(args, rows)
     replies = concurrency.pop("replies")
-    ledger = measure_ledger(args.ledger_requests, rows)
+    ledger = measure_ledger(args.ledger_requests, args.write_through_requests, rows)
     parsing = measure_parsing(rows, replies, args.parse_repeat)
     result = {**concurrency, **ledger, **parsing, "load_average_1m": [round(load_before, 2),
                                                                       round(os.getloadavg()[0], 2)],
               "cpu_count": os.cpu_count(), "device": "cpu"}
     print(f"requests/s: {result['rps_concurrency_1']} at concurrency 1, {result['rps_concurrency_8']} at 8 "
           f"(x{result['concurrency_speedup']}); engine+ledger {result['ledger_overhead_ms']} ms/request "
-          f"(Delta writes {result['ledger_write_ms']} ms); parse {result['parse_per_s']}/s")
+          f"(Delta writes {result['ledger_write_ms']} ms), write-through "
+          f"{result['ledger_write_through_overhead_ms']} ms serial / "
+          f"{result['ledger_write_through_concurrent_ms']} ms at concurrency 8; parse {result['parse_per_s']}/s")
     print(json.dumps(result, sort_keys=True))
     return 0
 

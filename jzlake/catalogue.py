@@ -28,19 +28,27 @@ if TYPE_CHECKING:  # keep pyspark/pyarrow out of import time
 # Columns every output row carries (lineage).
 RUN_ID = ("run_id", "string")
 
-# Request ledgers (generation). ``key`` = GenerationRequest.key; status: pending | submitted |
-# succeeded | failed; ``calls`` = times the engine sent the key (budget), ``attempts`` = HTTP
-# attempts including retries; ``messages`` = the exact chat sent (JSON), ``prompt`` its last user turn.
+# Request ledgers (generation). ``key`` = GenerationRequest.key; status: pending | sending |
+# submitting | submitted | succeeded | failed | abandoned; ``calls`` = calls counted against the
+# call cap (every HTTP attempt, retries included; one per Batch API request), ``attempts`` = HTTP
+# attempts; ``failures`` = sends that ended failed (``abandoned`` at generation.max_attempts_per_key);
+# ``spent_tokens``/``spent_usd`` = cumulative spend of the key over all its calls (a call lost in a
+# crash counts at its reserved worst case), what the caps sum; ``prompt_tokens``/``completion_tokens``/
+# ``cost_usd`` = the last answer's; ``messages`` = the exact chat sent (JSON), ``prompt`` its last user turn.
+# Partitioned by ``key_bucket`` (the key's first two hex digits): a write-through commit rewrites
+# one small partition instead of the whole ledger.
 LEDGER_COLUMNS: tuple[tuple[str, str], ...] = (
     ("key", "string"), ("status", "string"), ("model", "string"), ("template_id", "string"),
     ("template_hash", "string"), ("prompt", "string"), ("messages", "string"), ("sampling", "string"),
     ("sample_index", "long"), ("response", "string"), ("finish_reason", "string"),
     ("prompt_tokens", "long"), ("completion_tokens", "long"), ("cost_usd", "double"),
     ("latency_s", "double"), ("error", "string"), ("attempts", "long"), ("calls", "long"),
+    ("failures", "long"), ("spent_tokens", "long"), ("spent_usd", "double"),
     ("backend", "string"), ("batch_id", "string"), ("batch_input_file_id", "string"),
     ("doc_id", "string"), ("excerpt_start", "long"), ("excerpt_end", "long"),
     ("model_name", "string"), ("model_version", "string"), ("model_uri", "string"), ("seed", "long"),
     ("lineage", "string"), RUN_ID, ("created_at", "timestamp"), ("updated_at", "timestamp"),
+    ("key_bucket", "string"),
 )
 
 
@@ -180,9 +188,9 @@ TABLES: tuple[Table, ...] = (
        ("math_density", "double"), ("n_words", "long"), RUN_ID),
     # ---- generation ledgers: one row per request key (models/generation/ledger.py) ----------
     _t("gold", "kd_requests", ("key",), "Teacher request ledger: one row per request key, exactly-once",
-       *LEDGER_COLUMNS),
+       *LEDGER_COLUMNS, partition_by=("key_bucket",)),
     _t("gold", "synthetic_requests", ("key",), "Mass-synthesis request ledger (same schema as kd_requests)",
-       *LEDGER_COLUMNS),
+       *LEDGER_COLUMNS, partition_by=("key_bucket",)),
     # ---- distillation and synthesis outputs (models/distil.py, models/synthesize.py) ----------
     _t("gold", "kd_dataset", ("request_key",),
        "Accepted teacher samples in the training format (## Question / ## Solution | ## Code Solution)",
@@ -199,12 +207,13 @@ TABLES: tuple[Table, ...] = (
        "Synthetic problems after filtering, exact/near dedup and benchmark decontamination",
        ("request_key", "string"), ("text", "string"), ("problem", "string"), ("solution", "string"),
        ("answer", "string"), ("problem_hash", "string"), ("near_dup_cluster", "string"),
-       *SAMPLE_LINEAGE, ("raw_version", "long"), RUN_ID),
+       *SAMPLE_LINEAGE, ("synthesis_run_id", "string"), ("raw_version", "long"), RUN_ID),
+    # run_id = the filter run; synthesis_run_id = the `jzlake synthesize` run that wrote the raw row
     _t("gold", "synthetic_dropped", ("request_key",),
        "Synthetic replies the filter removed: parse reason, length, duplicate or contamination",
        ("request_key", "string"), ("reason", "string"), ("detail", "string"),
-       ("duplicate_of", "string"), ("benchmark", "string"), ("kind", "string"), ("doc_id", "string"),
-       ("raw_version", "long"), RUN_ID),
+       ("duplicate_of", "string"), ("benchmark", "string"), *SAMPLE_LINEAGE,
+       ("synthesis_run_id", "string"), ("raw_version", "long"), RUN_ID),
     # ---- LESS influence selection (models/influence) ----------------------------------------
     # One row per (run, document): runs are content-addressed (config + model + input version),
     # so a rerun rewrites identical rows and other configurations keep their own scores.

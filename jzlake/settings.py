@@ -271,6 +271,12 @@ class GenerationSettings(_Section):
     # ledger durability: flush every N responses or T seconds, whichever comes first
     ledger_flush_every: int = 32
     ledger_flush_seconds: float = 5.0
+    # write-through: a durable "sending" row before every send and every answer committed before
+    # its worker slot sends again (a killed run never pays twice); auto = on for models with a
+    # non-zero price in ``prices`` (paid teachers), off for free/unpriced ones (buffered, faster)
+    ledger_write_through: bool | Literal["auto"] = "auto"
+    # sends of one key that may end in failure before it is marked ``abandoned`` (never re-sent)
+    max_attempts_per_key: int = Field(default=3, ge=1)
     batch_poll_interval_s: float = 60.0
     batch_max_requests: int = 50_000
     batch_price_factor: float = 0.5      # the Batch API bills half the list price
@@ -313,6 +319,7 @@ class SandboxSettings(_Section):
     memory_mb: int = 1024
     max_output_kb: int = 64
     network_isolation: Literal["auto", "netns", "audit-hook"] = "auto"
+    filesystem_isolation: Literal["auto", "mount", "audit-hook"] = "auto"  # read-only mount namespace
 
 
 class DistilSettings(_Section):

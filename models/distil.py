@@ -25,6 +25,17 @@ Which teacher answers (``distil.teacher``):
 * ``local``: always the local model.
 
 Paper defaults: CoT temperature 1.0, tool temperature 0.1 / top-p 0.95, 2,500 new tokens.
+
+With the ``openai-batch`` backend a batch may take up to 24 h, so the stage can be split around
+the wait (the Airflow operator in ``plugins/teacher_batch.py`` defers between the two):
+
+* ``--no-wait``: submit what is not done (or resume the batches the ledger stores: their ids
+  are written before any poll), poll each batch once, print the summary with the batch ids and
+  statuses, exit 0. Keys in a batch count as ``not_sent`` and as ``awaiting_batch``;
+* ``--collect``: submit nothing; collect every *finished* stored batch into the ledger, then
+  parse and write samples as usual (batches still running are reported and left alone).
+
+Without either flag the batch path blocks: submit (or resume), poll until done, collect.
 """
 
 from __future__ import annotations
@@ -33,12 +44,14 @@ import argparse
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from jzlake import catalogue
 from jzlake.lineage import new_run_id
 from models.generation.pipeline import (
     SourceDocument,
+    batch_states,
+    collect_stored_batches,
     existing_outcomes,
     ledger_answers,
     ledger_rows,
@@ -78,6 +91,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, help="max new tokens for every request (tests, demos)")
     parser.add_argument("--samples-per-prompt", type=int)
     parser.add_argument("--run-id", help="run id stamped on rows (default: a new one)")
+    wait = parser.add_mutually_exclusive_group()
+    wait.add_argument("--no-wait", action="store_true",
+                      help="openai-batch: submit (or resume) the batch, print its id and status, exit")
+    wait.add_argument("--collect", action="store_true",
+                      help="openai-batch: collect finished stored batches, submit nothing, then parse/write")
 
 
 def apply_overrides(settings: Settings, args: argparse.Namespace) -> Settings:
@@ -196,12 +214,19 @@ def read_documents(settings: Settings, table_name: str, version: int | None,
 
 # ---- the stage ---------------------------------------------------------------------------------
 
+BatchMode = Literal["wait", "no-wait", "collect"]
+
+
 def distil(settings: Settings, run_id: str | None = None, *, input_version: int | None = None,
-           environ: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run the whole stage; returns the JSON summary (see module docstring)."""
+           environ: dict[str, str] | None = None, batch_mode: BatchMode = "wait") -> dict[str, Any]:
+    """Run the whole stage; returns the JSON summary (see module docstring).
+
+    ``batch_mode`` (``openai-batch`` backend only): ``wait`` blocks until the batches finish;
+    ``no-wait`` submits/resumes and returns; ``collect`` collects finished stored batches.
+    """
     from models.generation.backends import make_backend
-    from models.generation.engine import budget_for, run_generation
-    from models.generation.ledger import Ledger
+    from models.generation.engine import budget_for, run_batch_generation, run_generation
+    from models.generation.ledger import ABANDONED, FAILED, SUCCEEDED, Ledger
 
     run_id = run_id or new_run_id("distil")
     config = settings.distil
@@ -223,9 +248,21 @@ def distil(settings: Settings, run_id: str | None = None, *, input_version: int 
 
     settings = with_served_models(settings, teacher.served_models)
     backend = make_backend(settings)
+    if batch_mode != "wait" and backend.name != "openai-batch":
+        raise ValueError(f"--no-wait/--collect defer a Batch API batch, but the backend is {backend.name!r}: "
+                         "use --backend openai-batch (generation.backend)")
     ledger = Ledger.open(settings, LEDGER, run_id=run_id, backend=backend.name)
     budget = budget_for(settings, ledger, backend.name)
-    report = run_generation(requests, backend, ledger, budget) if requests else None
+    batches: list[dict[str, Any]] | None = None
+    if not requests:
+        report = None
+    elif batch_mode == "no-wait":
+        report = run_batch_generation(requests, backend, ledger, budget, wait=False)  # type: ignore[arg-type]
+        batches = batch_states(backend, requests, ledger)
+    elif batch_mode == "collect":
+        report, batches = collect_stored_batches(requests, backend, ledger, budget)
+    else:
+        report = run_generation(requests, backend, ledger, budget)
 
     keys = {r.key for r in requests}
     answers, statuses = ledger_answers(ledger_rows(ledger), keys)
@@ -236,18 +273,26 @@ def distil(settings: Settings, run_id: str | None = None, *, input_version: int 
 
     outcome = {k: r for k, r in done.items() if k in keys} | {r["request_key"]: r["reason"] for r in rows}
     accepted, rejected = parse_outcomes(outcome.values())
-    failed = statuses.get("failed", 0)
-    not_sent = len(keys) - statuses.get("succeeded", 0) - failed
+    failed, abandoned = statuses.get(FAILED, 0), statuses.get(ABANDONED, 0)
+    if abandoned:  # failed generation.max_attempts_per_key sends: no reply will come (as in synthesize)
+        rejected[ABANDONED] += abandoned
+    not_sent = len(keys) - statuses.get(SUCCEEDED, 0) - failed - abandoned
     reconcile(len(keys), accepted, rejected, failed, not_sent)
+    extra: dict[str, Any] = {**input_info, "teacher": teacher.model, "teacher_is_local": teacher.local}
+    if batches is not None:
+        extra.update(batch_mode=batch_mode, batches=batches,
+                     awaiting_batch=statuses.get("submitted", 0) + statuses.get("submitting", 0))
     return summary("distil", run_id, teacher.note, plan, report, accepted=accepted, rejected=rejected,
-                   failed=failed, not_sent=not_sent, written=written,
-                   extra={**input_info, "teacher": teacher.model, "teacher_is_local": teacher.local})
+                   failed=failed, not_sent=not_sent, written=written, extra=extra)
 
 
 def run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     """CLI entry (``jzlake distil``)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = apply_overrides(settings, args)
-    return distil(settings, getattr(args, "run_id", None), input_version=getattr(args, "input_version", None))
+    mode: BatchMode = "no-wait" if getattr(args, "no_wait", False) else \
+        "collect" if getattr(args, "collect", False) else "wait"
+    return distil(settings, getattr(args, "run_id", None), input_version=getattr(args, "input_version", None),
+                  batch_mode=mode)
 
 

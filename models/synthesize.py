@@ -7,11 +7,17 @@ Sharded over ``gold.corpus`` at one pinned Delta version: a document belongs to 
    ``models/generation/pipeline.py``), paper defaults: CoT temperature 1.0 and 2,500 new tokens,
    tool temperature 0.1 / top-p 0.95 (``synthesis.*_sampling``);
 2. generate through the engine with the ``gold.synthetic_requests`` ledger and
-   ``generation.synthesis_budget`` (exactly-once per request key);
+   ``generation.synthesis_budget`` (exactly-once per request key). Shards are separate processes
+   (Airflow ``.expand``) and share no live account: each gets a deterministic share of the caps,
+   counted on its own partition of the ledger (``engine.ShardScope``, water-filling in
+   ``models/generation/budget.py``), so N shards together never exceed a cap. **One writer per
+   shard**: never run the same shard index twice at the same time;
 3. parse/validate every answer (tool code runs in the sandbox) and **stage** the shard's rows
    (``lake_io.stage_shard``). The staged file is the shard's completion marker: it is written
-   only when every request of the shard has an answer, so a shard with failures or a budget
-   stop stays open and the next run finishes it (sending only what is missing).
+   only when every request of the shard has an answer or was abandoned (it failed
+   ``generation.max_attempts_per_key`` sends, e.g. a 4xx such as "context too long"; counted
+   under ``rejected_by_reason["abandoned"]``), so a shard with failures or a budget stop stays
+   open and the next run finishes it (sending only what is missing).
 
 When every shard is staged, one commit MERGEs them into ``gold.synthetic_raw`` (nothing is
 committed when nothing changed). The run id is content-addressed — a hash of the model, the
@@ -152,17 +158,37 @@ def apply_overrides(settings: Settings, args: argparse.Namespace) -> Settings:
 
 # ---- one shard --------------------------------------------------------------------------------
 
-def shard_documents(settings: Settings, version: int, shard_index: int, num_shards: int,
-                    limit: int | None) -> list[SourceDocument]:
+def planning_documents(settings: Settings, version: int, num_shards: int,
+                       limit: int | None) -> list[SourceDocument]:
+    """Every shard's documents (each shard's cut to ``limit``), in ``doc_id`` order.
+
+    Every shard plans this same list and keeps only its own documents (``plan_requests(owned=)``):
+    a prompt repeated in two shards' documents is then sent once, by the shard of its first
+    document, instead of once per shard.
+    """
     from models import lake_io
 
     corpus, _ = lake_io.read_table_at(settings, CORPUS, version, ["doc_id", "source", "text"])
     data = corpus.to_pydict()
-    docs = sorted(
-        (SourceDocument(d, s, t) for d, s, t in zip(data["doc_id"], data["source"], data["text"], strict=True)
-         if shard_of(d, num_shards) == shard_index),
-        key=lambda doc: doc.doc_id)
-    return docs[:limit] if limit is not None else docs
+    docs = sorted((SourceDocument(d, s, t) for d, s, t in zip(data["doc_id"], data["source"], data["text"],
+                                                                strict=True)), key=lambda doc: doc.doc_id)
+    if limit is None:
+        return docs
+    taken: Counter[int] = Counter()
+    kept = []
+    for doc in docs:
+        shard = shard_of(doc.doc_id, num_shards)
+        if taken[shard] < limit:
+            taken[shard] += 1
+            kept.append(doc)
+    return kept
+
+
+def shard_documents(settings: Settings, version: int, shard_index: int, num_shards: int,
+                    limit: int | None) -> list[SourceDocument]:
+    """The documents of one shard (``doc_id`` order, at most ``limit``)."""
+    return [doc for doc in planning_documents(settings, version, num_shards, limit)
+            if shard_of(doc.doc_id, num_shards) == shard_index]
 
 
 def run_shard(settings: Settings, synthesizer: Synthesizer, run_id: str, version: int, shard_index: int,
@@ -170,13 +196,14 @@ def run_shard(settings: Settings, synthesizer: Synthesizer, run_id: str, version
     """Generate, parse and (when complete) stage one shard; returns its summary."""
     from models import lake_io
     from models.generation.backends import make_backend
-    from models.generation.engine import budget_for, run_generation
-    from models.generation.ledger import Ledger
+    from models.generation.engine import ShardScope, budget_for, run_generation
+    from models.generation.ledger import ABANDONED, FAILED, SUCCEEDED, Ledger
 
     config = settings.synthesis
-    documents = shard_documents(settings, version, shard_index, num_shards, config.max_documents_per_shard)
+    documents = planning_documents(settings, version, num_shards, config.max_documents_per_shard)
     plan = plan_requests(
-        documents, model=synthesizer.model, templates=templates_for(settings.prompts, settings.home),
+        documents, owned=lambda doc: shard_of(doc.doc_id, num_shards) == shard_index,
+        model=synthesizer.model, templates=templates_for(settings.prompts, settings.home),
         prompts=settings.prompts, cot_sampling=config.cot_sampling, tool_sampling=config.tool_sampling,
         samples_per_prompt=config.samples_per_prompt,
         lineage={"model_uri": synthesizer.model_uri, "model_version": synthesizer.model_version,
@@ -186,8 +213,11 @@ def run_shard(settings: Settings, synthesizer: Synthesizer, run_id: str, version
     requests = [p.request for p in plan.requests]
     backend = make_backend(settings)
     ledger = Ledger.open(settings, LEDGER, run_id=run_id, backend=backend.name)
-    report = run_generation(requests, backend, ledger, budget_for(settings, ledger, backend.name)) \
-        if requests else None
+    report = None
+    if requests:
+        scope = ShardScope(shard_index, num_shards, synthesizer.model,
+                           lambda doc_id, key: shard_of(doc_id or key, num_shards))
+        report = run_generation(requests, backend, ledger, budget_for(settings, ledger, backend.name, shard=scope))
 
     keys = {r.key for r in requests}
     answers, statuses = ledger_answers(ledger_rows(ledger), keys)
@@ -196,8 +226,10 @@ def run_shard(settings: Settings, synthesizer: Synthesizer, run_id: str, version
     for row in rows:
         row.update(shard_index=shard_index, num_shards=num_shards)
     accepted, rejected = parse_outcomes(r["reason"] for r in rows)
-    failed = statuses.get("failed", 0)
-    not_sent = len(keys) - statuses.get("succeeded", 0) - failed
+    failed, abandoned = statuses.get(FAILED, 0), statuses.get(ABANDONED, 0)
+    if abandoned:  # no reply will ever come: a rejection, so the shard can complete
+        rejected[ABANDONED] += abandoned
+    not_sent = len(keys) - statuses.get(SUCCEEDED, 0) - failed - abandoned
     reconcile(len(keys), accepted, rejected, failed, not_sent)
     complete = failed == 0 and not_sent == 0
     if complete:

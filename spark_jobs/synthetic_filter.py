@@ -18,6 +18,11 @@ Every raw row ends in exactly one of the two outputs (``raw = kept + dropped``, 
    13-gram, a short item whole, or 8-gram containment): a hit drops the row as ``contaminated``
    with the benchmark, item, rule and matched n-gram.
 
+Lineage: every output row (kept or dropped) carries the raw row's sample lineage — source
+``doc_id``/``source``, excerpt offsets, template id + hash, stage/kind, model name/version/URI,
+sampling params, seed, sample index, input table/version — plus ``synthesis_run_id`` (the
+``jzlake synthesize`` run that wrote the raw row; ``run_id`` is this filter run).
+
 Idempotent: ``gold.synthetic_raw`` is read at its current version (stored on every output
 row as ``raw_version``); only rows that differ from the tables are upserted and keys that moved
 between the outputs are deleted, so a rerun on the same version writes nothing.
@@ -59,7 +64,9 @@ def run(spark: SparkSession, settings: Settings, run_id: str) -> dict[str, Any]:
     n_raw = raw.count()
     rejected = raw.where(F.col("reason").isNotNull()).select(
         "request_key", "reason", "detail", F.lit(None).cast("string").alias("duplicate_of"),
-        F.lit(None).cast("string").alias("benchmark"), "kind", "doc_id")
+        F.lit(None).cast("string").alias("benchmark"))
+    # what every output row carries from its raw row (joined back onto the dropped rows)
+    lineage = raw.select("request_key", *LINEAGE, F.col("run_id").alias("synthesis_run_id"))
     filtered, too_long_or_short = length_filter(raw.where(F.col("reason").isNull()), settings)
     candidates = with_problem_hash(filtered).localCheckpoint(eager=True)
     duplicates, clusters = duplicate_rows(spark, candidates, settings)
@@ -69,11 +76,12 @@ def run(spark: SparkSession, settings: Settings, run_id: str) -> dict[str, Any]:
         survivors.join(contaminated.select("request_key"), "request_key", "left_anti")
         .join(clusters, "request_key", "left")
         .select("request_key", "text", "problem", "solution", "answer", "problem_hash",
-                "near_dup_cluster", *LINEAGE, F.lit(version).cast("long").alias("raw_version"),
-                F.lit(run_id).alias("run_id"))
+                "near_dup_cluster", *LINEAGE, F.col("run_id").alias("synthesis_run_id"),
+                F.lit(version).cast("long").alias("raw_version"), F.lit(run_id).alias("run_id"))
     ).localCheckpoint(eager=True)
     dropped = (
         rejected.unionByName(too_long_or_short).unionByName(duplicates).unionByName(contaminated)
+        .join(lineage, "request_key")  # inner join on the raw key: every dropped row has one
         .withColumn("raw_version", F.lit(version).cast("long")).withColumn("run_id", F.lit(run_id))
     ).localCheckpoint(eager=True)
 
@@ -114,8 +122,7 @@ def length_filter(accepted: DataFrame, settings: Settings) -> tuple[DataFrame, D
         "request_key", F.col("_reason").alias("reason"),
         F.concat(F.lit("problem words: "), word_count("problem").cast("string"), F.lit(", solution words: "),
                  word_count("solution").cast("string")).alias("detail"),
-        F.lit(None).cast("string").alias("duplicate_of"), F.lit(None).cast("string").alias("benchmark"),
-        "kind", "doc_id")
+        F.lit(None).cast("string").alias("duplicate_of"), F.lit(None).cast("string").alias("benchmark"))
     return marked.where(F.col("_reason").isNull()).drop("_reason"), dropped
 
 
@@ -158,14 +165,11 @@ def duplicate_rows(spark: SparkSession, candidates: DataFrame, settings: Setting
     )
     edges = exact_edges(doc_keys, sigs).unionByName(near)
     members = cluster_members(edges, doc_keys).localCheckpoint(eager=True)
-    dropped = members.where(~F.col("is_survivor")).join(kinds.withColumnRenamed("kind", "sample_kind"), "doc_id").join(
-        candidates.select(F.col("request_key").alias("doc_id"), F.col("doc_id").alias("source_doc")), "doc_id"
-    ).select(
+    dropped = members.where(~F.col("is_survivor")).select(
         F.col("doc_id").alias("request_key"),
         F.when(F.col("kind") == "exact", "exact_duplicate").otherwise("near_duplicate").alias("reason"),
         F.concat(F.lit("cluster of "), F.col("cluster_size").cast("string")).alias("detail"),
-        F.col("survivor_doc_id").alias("duplicate_of"), F.lit(None).cast("string").alias("benchmark"),
-        F.col("sample_kind").alias("kind"), F.col("source_doc").alias("doc_id"))
+        F.col("survivor_doc_id").alias("duplicate_of"), F.lit(None).cast("string").alias("benchmark"))
     clusters = members.select(F.col("doc_id").alias("request_key"), F.col("cluster_id").alias("near_dup_cluster"))
     return dropped, clusters
 
@@ -181,13 +185,11 @@ def contaminated_rows(spark: SparkSession, survivors: DataFrame, settings: Setti
     matches = find_contamination(spark, problems, gram_index(settings), settings.decontam.min_containment)
     first = matches.groupBy("doc_id").agg(
         F.min(F.struct("benchmark", "item_id", "rule", "matched_ngram")).alias("hit"))
-    return first.join(survivors.select(F.col("request_key").alias("doc_id"), "kind",
-                                       F.col("doc_id").alias("source_doc")), "doc_id").select(
+    return first.select(
         F.col("doc_id").alias("request_key"), F.lit("contaminated").alias("reason"),
         F.concat_ws("", F.col("hit.benchmark"), F.lit(":"), F.col("hit.item_id"), F.lit(" ("), F.col("hit.rule"),
                     F.lit(": "), F.col("hit.matched_ngram"), F.lit(")")).alias("detail"),
-        F.lit(None).cast("string").alias("duplicate_of"), F.col("hit.benchmark").alias("benchmark"), "kind",
-        F.col("source_doc").alias("doc_id"))
+        F.lit(None).cast("string").alias("duplicate_of"), F.col("hit.benchmark").alias("benchmark"))
 
 
 def write_changed(spark: SparkSession, settings: Settings, rows: DataFrame, table: catalogue.Table) -> dict[str, int]:

@@ -180,6 +180,101 @@ def test_synthesize_shards_resume_and_commit_once(tmp_path: Path, counting_proxy
     assert dict(counting_proxy.arrived) == arrived
 
 
+def test_real_prompts_for_all_nine_templates_survive_a_killed_engine(tmp_path: Path,
+                                                                    llm_server: LocalServer) -> None:  # noqa: F811
+    """The kill/resume path on real prompt-library requests: ``plan_requests`` over real sample
+    documents with every stage and the tool template, written to the engine's request file and
+    sent by ``python -m models.generation.engine``, SIGKILLed mid-run, resumed in-process."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from jzlake.settings import PromptSettings, SamplingSettings
+    from models.generation.backends import make_backend
+    from models.generation.engine import budget_for, read_requests, run_generation, write_requests
+    from models.generation.ledger import Ledger
+    from models.generation.pipeline import SourceDocument, plan_requests
+    from models.generation.prompt_library import COT_TEMPLATE_IDS, TOOL_TEMPLATE_ID, load_templates
+    from tests.conftest import REPO
+
+    texts = [(s, t) for s, t in real_texts() if len(t) > 2500]
+    if len(texts) < 2:
+        pytest.skip("embedded sample missing")
+    docs = [SourceDocument(f"{s}:{i}", s, t) for i, (s, t) in enumerate([texts[0], texts[len(texts) // 2]])]
+    sampling = SamplingSettings(max_tokens=4)
+    plan = plan_requests(docs, model="tiny-llama", templates=load_templates(), cot_sampling=sampling,
+                         tool_sampling=sampling.model_copy(update={"temperature": 0.1, "top_p": 0.95}),
+                         prompts=PromptSettings(stage_selection="all", tool_fraction=1.0, min_excerpt_chars=100),
+                         lineage={"input_table": "gold.corpus", "input_version": 0})
+    assert {p.template.id for p in plan.requests} == {*COT_TEMPLATE_IDS, TOOL_TEMPLATE_ID}
+    assert len(plan.requests) == 18 and not plan.skipped
+    texts_by_id = {d.doc_id: d.text for d in docs}
+    for planned in plan.requests:
+        request, template = planned.request, planned.template
+        prompt = request.messages[-1][1]
+        lineage = request.lineage
+        excerpt = texts_by_id[lineage["doc_id"]][lineage["excerpt_start"]:lineage["excerpt_end"]]
+        assert excerpt == planned.excerpt.text and excerpt.strip() in prompt
+        assert len(excerpt) <= template.excerpt_chars and "{{excerpt}}" not in prompt
+        assert request.template_id == template.id
+        assert request.template_hash == hashlib.sha256((PROMPTS_DIR / f"{template.id}.md").read_bytes()).hexdigest()
+        assert lineage["stage"] == template.stage and lineage["kind"] == template.kind
+        assert template.title in prompt  # the stage's own wording reached the prompt
+    requests = [p.request for p in plan.requests]
+    requests_file = tmp_path / "requests.jsonl"
+    write_requests(requests_file, requests)
+    reread = read_requests(requests_file)
+    assert [r.key for r in reread] == [r.key for r in requests]
+    assert [r.lineage for r in reread] == [r.lineage for r in requests]
+
+    with FaultProxy(llm_server.root_url, free_port(*PROXY_PORTS), delay_s=0.2) as proxy:
+        settings = make_settings(tmp_path, generation={
+            "base_url": proxy.url, "served_models": {"tiny-llama": llm_server.served_model},
+            "api_key_env": None, "concurrency": 2, "ledger_flush_every": 2, "ledger_flush_seconds": 0.5})
+        command = [sys.executable, "-m", "models.generation.engine", "--requests", str(requests_file),
+                   "--lake-root", settings.lake_root, "--base-url", proxy.url, "--served-model",
+                   f"tiny-llama={llm_server.served_model}", "--concurrency", "2", "--flush-every", "2"]
+        env = {**os.environ, "JZLAKE__GENERATION__API_KEY_ENV": ""}
+
+        def succeeded() -> set[str]:
+            if lake_io.current_version(settings, "gold.kd_requests") is None:
+                return set()
+            ledger_rows = Ledger.open(settings, "gold.kd_requests").read(["key", "status"]).to_pylist()
+            return {r["key"] for r in ledger_rows if r["status"] == "succeeded"}
+
+        with open(tmp_path / "engine.log", "wb") as log:
+            process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+            try:
+                deadline = time.monotonic() + 120
+                while len(succeeded()) < 4:
+                    assert process.poll() is None, (tmp_path / "engine.log").read_text()[-3000:]
+                    assert time.monotonic() < deadline, "the engine recorded nothing in 120 s"
+                    time.sleep(0.05)
+                process.send_signal(signal.SIGKILL)
+                process.wait(timeout=30)
+            finally:
+                if process.poll() is None:
+                    process.kill()
+        done_at_kill = succeeded()
+        assert 4 <= len(done_at_kill) < len(requests), "the kill must land mid-run"
+        time.sleep(1.0)  # what the dead client handed to the proxy still reaches the server
+
+        ledger = Ledger.open(settings, "gold.kd_requests")
+        report = run_generation(reread, make_backend(settings), ledger, budget_for(settings, ledger))
+        assert report.skipped_done == len(done_at_kill) and report.failed == 0
+        assert all(proxy.forwarded[key] == 1 for key in done_at_kill)  # never paid twice
+    rows = {r["key"]: r for r in Ledger.open(settings, "gold.kd_requests").read().to_pylist()}
+    assert set(rows) == {r.key for r in requests} and {r["status"] for r in rows.values()} == {"succeeded"}
+    for request in requests:
+        row = rows[request.key]
+        assert (row["template_id"], row["template_hash"]) == (request.template_id, request.template_hash)
+        assert row["doc_id"] == request.lineage["doc_id"]
+        assert json.loads(row["lineage"])["stage"] == request.lineage["stage"]
+        assert json.loads(row["messages"])[-1]["content"] == request.messages[-1][1]
+
+
 def test_cli_distil_prints_the_summary_last(tmp_path: Path, counting_proxy: FaultProxy,
                                             llm_server: LocalServer,  # noqa: F811
                                             capsys: pytest.CaptureFixture[str]) -> None:

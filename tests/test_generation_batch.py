@@ -144,3 +144,122 @@ def test_failed_batch_lines_are_resubmitted_and_call_cap_applies(tmp_path: Path,
         assert standin.batches_created == 1 and set(standin.executed) == {broken, requests[4].key}
         rows = _rows(settings)
         assert {r["status"] for r in rows.values()} == {"succeeded"} and rows[broken]["calls"] == 2
+
+
+# ---- deferral: `jzlake distil --no-wait` / `--collect`, the Airflow trigger and operator -------------
+
+def _corpus(settings, n: int = 2) -> None:
+    """``gold.corpus`` with ``n`` real sample documents (deltalake, no JVM)."""
+    from models import lake_io
+    from tests.test_excerpts import real_texts
+
+    texts = [(s, t) for s, t in real_texts() if len(t) > 1500][:n]
+    if len(texts) < n:
+        pytest.skip("embedded sample missing")
+    lake_io.merge_rows(settings, "gold.corpus", [
+        {"doc_id": f"{s}:{i}", "source": s, "text": t, "quality_score": 0.5, "math_density": 0.1,
+         "n_words": len(t.split()), "run_id": "test-corpus"} for i, (s, t) in enumerate(texts)])
+
+
+def _first_events(trigger, limit: int = 5) -> list:
+    import asyncio
+
+    async def drain() -> list:
+        events = []
+        async for event in trigger.run():
+            events.append(event)
+            if len(events) >= limit:
+                break
+        return events
+
+    return asyncio.run(asyncio.wait_for(drain(), timeout=120))
+
+
+def test_distil_no_wait_defers_to_the_trigger_then_collects(tmp_path: Path, llm_server,  # noqa: F811
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from airflow.sdk.exceptions import TaskDeferred
+
+    from jzlake.cli import main
+    from models import lake_io
+    from plugins.teacher_batch import BatchStatusTrigger, TeacherBatchOperator
+
+    with BatchApiStandIn(llm_server.root_url, free_port(*PROXY_PORTS), start_delay_s=2.0) as standin:
+        settings = make_settings(tmp_path)
+        _corpus(settings)
+        cli = ["distil", "--lake-root", settings.lake_root, "--backend", "openai-batch", "--base-url", standin.url,
+               "--teacher", "local", "--max-new-tokens", "4"]
+        # 1. submit and return at once: the summary names the batch and its (running) status
+        assert main([*cli, "--no-wait"]) == 0
+        submitted = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert submitted["batch_mode"] == "no-wait" and len(submitted["batches"]) == 1
+        batch = submitted["batches"][0]
+        assert not batch["terminal"] and batch["status"] in ("validating", "in_progress")
+        assert batch["requests"] == submitted["requests"] == submitted["sent"] == submitted["awaiting_batch"] > 0
+        assert submitted["not_sent"] == submitted["requests"] and submitted["accepted"] == submitted["rejected"] == 0
+        assert lake_io.current_version(settings, "gold.kd_dataset") in (None, 0)  # nothing parsed yet
+
+        # 2. the operator resumes the same batch (nothing resubmitted) and defers to the trigger
+        operator = TeacherBatchOperator(
+            task_id="distil_batch", poll_interval_s=0.2,
+            overrides={"lake": {"root": settings.lake_root, "runs_dir": str(tmp_path / "runs")},
+                       "generation": {"base_url": standin.url},
+                       "distil": {"teacher": "local", "cot_sampling": {"max_tokens": 4},
+                                  "tool_sampling": {"max_tokens": 4}}})
+        with pytest.raises(TaskDeferred) as deferred:
+            operator.execute({})
+        trigger = deferred.value.trigger
+        assert isinstance(trigger, BatchStatusTrigger) and trigger.batch_ids == [batch["batch_id"]]
+        assert deferred.value.method_name == "execute_complete"
+        assert standin.batches_created == 1 and standin.files_uploaded == 1
+
+        # 3. the trigger, as the triggerer would run it: rebuilt from its serialised kwargs
+        classpath, kwargs = trigger.serialize()
+        assert classpath == "plugins.teacher_batch.BatchStatusTrigger"
+        assert "sk-" not in json.dumps(kwargs) and json.loads(json.dumps(kwargs)) == kwargs
+        events = _first_events(BatchStatusTrigger(**kwargs))
+        assert len(events) == 1 and events[0].payload["status"] == "done"
+        final = events[0].payload["batches"][0]
+        assert final["status"] == "completed" and final["completed"] == final["total"] == batch["requests"]
+
+        # 4. resumed: collect, parse, write — every key answered once, by the one batch
+        summary = operator.execute_complete({}, events[0].payload, **deferred.value.kwargs)
+        assert summary["batch_mode"] == "collect" and summary["batches"][0]["collected"]
+        assert summary["awaiting_batch"] == 0 and summary["not_sent"] == summary["failed"] == 0
+        assert summary["accepted"] + summary["rejected"] == summary["requests"] == batch["requests"]
+        assert set(standin.executed.values()) == {1} and standin.batches_created == 1
+        ledger = _rows(settings)
+        assert {r["status"] for r in ledger.values()} == {"succeeded"}
+        assert {r["batch_id"] for r in ledger.values()} == {batch["batch_id"]}
+        written = [*lake_io.read_table_at(settings, "gold.kd_rejected")[0].to_pylist(),
+                   *(lake_io.read_table_at(settings, "gold.kd_dataset")[0].to_pylist()
+                     if lake_io.current_version(settings, "gold.kd_dataset") is not None else [])]
+        assert sorted(r["request_key"] for r in written) == sorted(ledger)
+
+        # 5. `--collect` again: nothing left to collect, nothing submitted, nothing written
+        assert main([*cli, "--collect"]) == 0
+        again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert again["batches"] == [] and again["skipped_done"] == again["requests"]
+        assert again["written"] == {"gold.kd_dataset": 0, "gold.kd_rejected": 0}
+        assert standin.batches_created == 1
+
+
+def test_trigger_reports_polling_errors_and_refuses_secrets(tmp_path: Path, llm_server) -> None:  # noqa: F811
+    from plugins.teacher_batch import BatchStatusTrigger
+
+    with BatchApiStandIn(llm_server.root_url, free_port(*PROXY_PORTS)) as standin:
+        trigger = BatchStatusTrigger(["batch_never_created"], poll_interval_s=0.05, max_poll_errors=2,
+                                     overrides={"generation": {"base_url": standin.url, "max_retries": 0}})
+        events = _first_events(trigger)
+    assert len(events) == 1 and events[0].payload["status"] == "error"
+    assert "batch_never_created" in events[0].payload["batch_ids"] and events[0].payload["message"]
+    with pytest.raises(ValueError, match="credential"):
+        BatchStatusTrigger(["b"], overrides={"generation": {"api_key": "sk-live-0123456789abcdefghij"}})
+
+
+def test_no_wait_needs_the_batch_backend(tmp_path: Path) -> None:
+    from models.distil import distil
+
+    settings = make_settings(tmp_path, generation={"backend": "openai"}, distil={"teacher": "configured"})
+    _corpus(settings)
+    with pytest.raises(ValueError, match="openai-batch"):
+        distil(settings, batch_mode="no-wait", environ={})

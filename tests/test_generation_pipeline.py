@@ -10,13 +10,19 @@ import pytest
 
 from jzlake.settings import PromptSettings, SamplingSettings
 from models.distil import choose_input, choose_teacher
+from models.generation.excerpts import cut_excerpt
 from models.generation.pipeline import (
+    SKIP_DUPLICATE_EXCERPT,
     SKIP_EMPTY_TEXT,
     SKIP_NO_EXCERPT,
     SKIP_SHORT_EXCERPT,
     SourceDocument,
+    ledger_answers,
+    parse_outcomes,
     plan_requests,
     reconcile,
+    sample_rows,
+    write_samples,
 )
 from models.generation.prompt_library import load_templates
 from models.synthesize import content_run_id, resolve_synthesizer, shard_of
@@ -81,6 +87,80 @@ def test_documents_without_a_usable_excerpt_are_counted_not_lost() -> None:
     result = plan(docs, tool_fraction=0.0)
     assert result.skipped == Counter({SKIP_EMPTY_TEXT: 1, SKIP_SHORT_EXCERPT: 1, SKIP_NO_EXCERPT: 1})
     assert len(result.requests) == 2 and result.documents == 5
+
+
+def twin_documents() -> tuple[SourceDocument, SourceDocument, SourceDocument]:
+    """Two real documents that share their first 1,000 characters (the same CoT excerpt) but
+    differ after it (different 2,000-character tool excerpts), plus an unrelated third one."""
+    texts = [t for _, t in real_texts() if len(t) > 2500]
+    for text in texts:
+        tail = next(t for t in texts if t[:200] != text[:200])
+        twin = text[:1000] + "\n\n" + tail
+        same_cot = cut_excerpt(text, 1000) == cut_excerpt(twin, 1000) is not None
+        if same_cot and cut_excerpt(text, 2000) != cut_excerpt(twin, 2000):
+            other = next(t for t in texts if t[:200] not in (text[:200], tail[:200]))
+            return (SourceDocument("a-first", "x", text), SourceDocument("b-twin", "y", twin),
+                    SourceDocument("c-other", "x", other))
+    pytest.skip("embedded sample missing")
+
+
+@pytest.mark.parametrize("selection", ["one_stage", "all_stages"])
+def test_documents_repeating_an_excerpt_keep_one_request_per_key(selection: str) -> None:
+    docs = list(twin_documents())
+    prompts = {"tool_fraction": 1.0, "min_excerpt_chars": 50}
+    if selection == "one_stage":
+        prompts["stages"] = ["cot_college"]  # a random draw of one stage: both twins draw it
+    else:
+        prompts["stage_selection"] = "all"
+    result = plan(docs, **prompts)
+    cot_templates = 1 if selection == "one_stage" else 8
+    keys = [p.request.key for p in result.requests]
+    assert len(keys) == len(set(keys))  # one request per ledger key
+    # The twin's CoT prompts repeat the first document's: skipped and counted, not planned twice.
+    assert result.skipped == Counter({SKIP_DUPLICATE_EXCERPT: cot_templates})
+    by_doc = Counter(p.request.lineage["doc_id"] for p in result.requests)
+    assert by_doc == {"a-first": cot_templates + 1, "b-twin": 1, "c-other": cot_templates + 1}
+    twin = [p for p in result.requests if p.request.lineage["doc_id"] == "b-twin"]
+    assert [p.template.kind for p in twin] == ["tool"]  # its 2,000-character excerpt differs
+    # Every (document, template) pair is a request or a counted skip.
+    assert len(result.requests) + sum(result.skipped.values()) == 3 * (cot_templates + 1)
+
+
+def test_sharded_plans_split_the_unsharded_plan_without_repeating_a_key() -> None:
+    """``owned``: every shard sees all documents in the same order, plans only its own; the
+    twin in another shard than the first document does not re-plan the first one's key."""
+    docs = list(twin_documents())
+    whole = plan(docs, tool_fraction=1.0, min_excerpt_chars=50, stage_selection="all")
+    shards = {"a-first": 0, "b-twin": 1, "c-other": 1}
+    parts = [plan_requests(docs, model="teacher", templates=load_templates(),
+                           prompts=PromptSettings(tool_fraction=1.0, min_excerpt_chars=50, stage_selection="all"),
+                           cot_sampling=COT, tool_sampling=TOOL, lineage={"input_version": 3},
+                           owned=lambda d, shard=shard: shards[d.doc_id] == shard) for shard in (0, 1)]
+    keys = [p.request.key for part in parts for p in part.requests]
+    assert len(keys) == len(set(keys)) and set(keys) == {p.request.key for p in whole.requests}
+    assert [part.documents for part in parts] == [1, 2]
+    assert parts[0].skipped == Counter() and parts[1].skipped == whole.skipped == Counter({SKIP_DUPLICATE_EXCERPT: 8})
+
+
+def test_repeated_excerpts_parse_and_write_once(tmp_path: Path) -> None:
+    """The crash the duplicate keys caused: rows that repeat a merge key (``lake_io._check_keys``)."""
+    result = plan(list(twin_documents()), tool_fraction=0.0, min_excerpt_chars=50, stages=["cot_college"])
+    reply = ("## Problem\nA shelf holds 3 rows of 24 books and 17 are lent out. How many remain?\n\n"
+             "## Solution\n$3 \\times 24 = 72$ and $72 - 17 = 55$, so \\boxed{55}.")
+    ledger = {"key": [], "status": [], "response": [], "finish_reason": []}
+    for planned in result.requests:
+        for column, value in (("key", planned.request.key), ("status", "succeeded"), ("response", reply),
+                              ("finish_reason", "stop")):
+            ledger[column].append(value)
+    keys = {p.request.key for p in result.requests}
+    answers, statuses = ledger_answers(ledger, keys)
+    rows = sample_rows(result, answers, prompts=PromptSettings(), limits=None, run_id="run-1", workers=1)
+    settings = make_settings(tmp_path)
+    written = write_samples(settings, rows, "gold.kd_dataset", "gold.kd_rejected")
+    assert sum(written.values()) == len(rows) == len(keys) == 2
+    accepted, rejected = parse_outcomes(r["reason"] for r in rows)
+    reconcile(len(keys), accepted, rejected, 0, len(keys) - statuses["succeeded"])
+    assert result.skipped == Counter({SKIP_DUPLICATE_EXCERPT: 1})
 
 
 def test_reconcile_raises_on_a_gap() -> None:

@@ -93,7 +93,7 @@ def test_network_is_blocked(listener: tuple[int, list[object]], isolation: str) 
     code = ("import socket\ns = socket.socket()\ns.settimeout(2)\n"
             f"print(s.connect_ex(('127.0.0.1', {port})))")
     result = run_python(code, SandboxLimits(wall_seconds=10, network_isolation=isolation))  # type: ignore[arg-type]
-    assert not result.ok and "PermissionError: sandbox: socket" in result.stderr
+    assert not result.ok and "ImportError: sandbox: import of _socket is blocked" in result.stderr
     assert len(accepted) == 1  # only the sanity connection
     expected = "netns" if isolation == "auto" and network_isolation_available() else "audit-hook"
     assert result.network_isolation == expected
@@ -135,10 +135,153 @@ def test_writes_outside_the_sandbox_are_blocked_inside_allowed(tmp_path: Path) -
 ])
 def test_escape_hatches_are_refused(code: str) -> None:
     result = run_python(code, FAST)
-    assert result.exit_code == 1 and "PermissionError: sandbox:" in result.stderr
+    assert result.exit_code == 1 and "sandbox:" in result.stderr and "blocked" in result.stderr
+
+
+# Each program tries to create TARGET (a path outside the sandbox directory) a different way;
+# every one of them worked against the first version of the hook or is a known bypass.
+ESCAPES = {
+    # fork_exec from the C module: no subprocess.Popen audit event
+    "posixsubprocess": "import _posixsubprocess\n_posixsubprocess.fork_exec(['/bin/sh', '-c', 'echo x > TARGET'])",
+    "posixsubprocess_via_imp": ("import importlib.util, _imp\n"
+                                "_imp.create_dynamic(importlib.util.find_spec('_posixsubprocess'))"),
+    "posixsubprocess_renamed": (
+        "import glob, importlib.util, sys\n"
+        "so = [f for p in sys.path for f in glob.glob(p + '/_posixsubprocess*.so')][0]\n"
+        "spec = importlib.util.spec_from_file_location('innocent._posixsubprocess', so)\n"
+        "importlib.util.module_from_spec(spec).fork_exec(['/bin/sh', '-c', 'echo x > TARGET'])"),
+    "subprocess_fork_exec": "import subprocess\nsubprocess._fork_exec(['/bin/sh', '-c', 'echo x > TARGET'])",
+    # sqlite writes from C (no open event); ATTACH would bypass a path check on connect
+    "sqlite_connect": "import sqlite3\nsqlite3.connect('TARGET').execute('create table t (a)')",
+    "sqlite_attach": "import sqlite3\nsqlite3.connect(':memory:').execute(\"attach 'TARGET' as x\")",
+    "posix_spawn": "import os\nos.posix_spawn('/bin/sh', ['sh', '-c', 'echo x > TARGET'], {})",
+    "fork_then_exec": "import os\nif os.fork() == 0:\n    os.execv('/bin/sh', ['sh', '-c', 'echo x > TARGET'])",
+    "execv": "import os\nos.execv('/bin/sh', ['sh', '-c', 'echo x > TARGET'])",
+    "os_open": "import os\nos.write(os.open('TARGET', os.O_WRONLY | os.O_CREAT), b'x')",
+    "dir_fd": ("import os\nfd = os.open(os.path.dirname('TARGET'), os.O_RDONLY)\n"
+               "os.close(os.open(os.path.basename('TARGET'), os.O_WRONLY | os.O_CREAT, dir_fd=fd))"),
+    "shutil_copy": "import shutil\nopen('a', 'w').write('x')\nshutil.copyfile('a', 'TARGET')",
+    "symlink_relative": ("import os\nos.makedirs('a/b')\nos.chdir('a/b')\n"
+                         "os.symlink('../' * 40 + 'TARGET'.lstrip('/'), os.path.abspath('../../link'))\n"
+                         "open('../../link', 'w').write('x')"),
+    "patched_realpath": ("import os, posixpath\nposixpath.realpath = os.path.realpath = "
+                         "lambda p, **k: os.getcwd() + '/x'\nopen('TARGET', 'w').write('x')"),
+    "ctypes": "import ctypes\nctypes.CDLL(None).system(b'echo x > TARGET')",
+    "ctypes_reimported": ("import sys\ndel sys.modules['ctypes']\nimport ctypes\n"
+                          "ctypes.CDLL(None).system(b'echo x > TARGET')"),
+    "gc_introspection": "import gc\nprint(len(gc.get_objects()))",
+    "subinterpreter": "import _xxsubinterpreters as s\ns.run_string(s.create(), \"open('TARGET', 'w')\")",
+    "code_object": "f = lambda: 0\nf.__code__ = f.__code__.replace(co_consts=(1,))",
+}
+
+
+HOOK_ONLY = SandboxLimits(cpu_seconds=2, wall_seconds=10, network_isolation="audit-hook",
+                          filesystem_isolation="audit-hook")
+
+
+@pytest.mark.parametrize("limits", [FAST, HOOK_ONLY], ids=["namespaces", "hook-only"])
+@pytest.mark.parametrize("name", sorted(ESCAPES))
+def test_low_level_escapes_are_refused(name: str, limits: SandboxLimits, tmp_path: Path) -> None:
+    target = tmp_path / "escaped.txt"
+    result = run_python(ESCAPES[name].replace("TARGET", str(target)), limits)
+    assert result.exit_code == 1 and "sandbox:" in result.stderr, result.stderr
+    assert ("blocked" in result.stderr or "not available" in result.stderr), result.stderr
+    assert not target.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_hook_reads_no_global_or_builtin_names() -> None:
+    """User code could rebind a global or builtin the hook calls (``__main__`` is the wrapper's
+    module); the hook and its helpers must work from closure variables only."""
+    import dis
+
+    from models.sandbox import _WRAPPER
+
+    module = compile(_WRAPPER, "<wrapper>", "exec")
+    make_hook = next(c for c in module.co_consts if getattr(c, "co_name", "") == "_make_hook")
+    nested = [c for c in make_hook.co_consts if hasattr(c, "co_code")]
+    assert {c.co_name for c in nested} >= {"hook", "real", "allowed", "text", "refuse"}
+    for code in nested:
+        names = [i.argval for i in dis.get_instructions(code) if i.opname in ("LOAD_GLOBAL", "LOAD_NAME")]
+        assert names == [], f"{code.co_name} reads {names}"
+
+
+def test_normal_solution_code_still_runs() -> None:
+    code = ("from fractions import Fraction\nimport itertools, math, statistics, decimal\n"
+            "print(Fraction(1, 3) + Fraction(1, 6), math.comb(10, 3), statistics.mean([1, 2, 3]))\n"
+            "print(sum(1 for p in itertools.permutations(range(5)) if p[0] < p[-1]))\n"
+            "import os, pathlib\nos.makedirs('work/sub')\nopen('work/sub/n.txt', 'w').write('7')\n"
+            "os.rename('work/sub/n.txt', 'work/n.txt')\nprint(open('work/n.txt').read())")
+    result = run_python(code, FAST)
+    assert result.ok, result.stderr
+    assert result.stdout.splitlines() == ["1/2 120 2", "60", "7"]
+
+
+def test_sympy_and_numpy_solutions_run() -> None:
+    pytest.importorskip("sympy")
+    pytest.importorskip("numpy")
+    code = ("import sympy as sp, numpy as np\nx = sp.symbols('x')\n"
+            "print(sorted(sp.solve(x**2 - 5*x + 6, x)), sp.divisor_count(2**10 * 3**5))\n"
+            "print(int(round(np.linalg.det(np.diag([2.0, 3.0, 4.0])))))")
+    result = run_python(code, SandboxLimits(cpu_seconds=10, wall_seconds=30))
+    assert result.ok, result.stderr
+    assert result.stdout.splitlines() == ["[2, 3] 66", "24"]
+
+
+def test_read_only_mount_namespace_stops_a_process_without_the_hook(tmp_path: Path) -> None:
+    """The kernel layer alone: the wrapper's mount setup, then plain writes (no audit hook)."""
+    from models.sandbox import _WRAPPER, _namespace_prefix, filesystem_isolation_available
+
+    if not filesystem_isolation_available():
+        pytest.skip("no mount namespace here (needs root or user namespaces)")
+    workdir = tmp_path / "sandbox"
+    workdir.mkdir()
+    outside = tmp_path / "outside.txt"
+    definitions = _WRAPPER.split("\ntry:\n    _sandbox(")[0]
+    probe = (definitions + "\nimport sys\nroot = sys.argv[1]\n_read_only_mounts(root)\nos.chdir(root)\n"
+             "open('inside.txt', 'w').write('ok')\nopen('/dev/null', 'w').write('ok')\n"
+             "try:\n    open(sys.argv[2], 'w')\nexcept OSError as exc:\n    print('refused', exc.errno)\n")
+    out = subprocess.run([*_namespace_prefix(False, True), sys.executable, "-I", "-c", probe, str(workdir),
+                          str(outside)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "refused 30" and not outside.exists()  # EROFS
+    assert (workdir / "inside.txt").read_text() == "ok"
+    result = run_python("print('hi')", FAST)
+    assert result.ok and result.filesystem_isolation == "mount-ro"
 
 
 def test_environment_is_scrubbed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", "sk-should-not-leak")
     result = run_python("import os\nprint(sorted(os.environ))", FAST)
     assert result.ok and "OPENAI_API_KEY" not in result.stdout
+
+
+def test_without_unshare_the_hook_alone_runs_and_required_layers_fail_loudly(monkeypatch: pytest.MonkeyPatch,
+                                                                             tmp_path: Path) -> None:
+    import models.sandbox as sandbox
+
+    def clear() -> None:
+        sandbox._netns_prefix.cache_clear()
+        sandbox._namespace_prefix.cache_clear()
+
+    clear()
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)  # no unshare binary
+    try:
+        result = run_python(f"print('hi')\nopen({str(tmp_path / 'x')!r}, 'w')", FAST)
+        assert result.stdout == "hi\n" and "writing outside the sandbox directory is blocked" in result.stderr
+        assert (result.network_isolation, result.filesystem_isolation) == ("audit-hook", "audit-hook")
+        with pytest.raises(RuntimeError, match="read-only mount namespace requested"):
+            run_python("print(1)", SandboxLimits(filesystem_isolation="mount"))
+        with pytest.raises(RuntimeError, match="network namespace requested"):
+            run_python("print(1)", SandboxLimits(network_isolation="netns"))
+    finally:
+        monkeypatch.undo()
+        clear()
+
+
+def test_mount_setup_refuses_to_run_outside_its_own_namespace() -> None:
+    """The read-only remount must never touch the caller's mounts (fail closed, code not run)."""
+    from models.sandbox import _spawn
+
+    result = _spawn("print('ran')", FAST, (), mount_ro=True)
+    assert result.exit_code == 85 and result.killed_by == "sandbox_setup" and result.stdout == ""
+    assert "outside a private mount namespace" in result.stderr

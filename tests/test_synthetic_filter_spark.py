@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from jzlake import catalogue
 from models import lake_io
 from tests.conftest import SAMPLE, make_settings
 
@@ -38,11 +39,12 @@ def raw_row(key: str, problem: str | None, kind: str = "cot", reason: str | None
     return {
         "request_key": key, "reason": reason, "detail": "planted" if reason else None, "text": text,
         "problem": problem, "solution": None if reason else solution, "answer": None if reason else "3",
-        "doc_id": f"doc-{key}", "source": "stackmathqa", "excerpt_start": 0, "excerpt_end": 10,
-        "template_id": "cot_high_school" if kind == "cot" else "tool_code", "template_hash": "h",
-        "stage": "high_school", "kind": kind, "model_name": "jiuzhang-synthesizer", "model_version": "v",
-        "model_uri": "file:///m", "sampling": "{}", "seed": 42, "sample_index": 0, "input_table": "gold.corpus",
-        "input_version": 1, "shard_index": 0, "num_shards": 1, "run_id": "synthesize-test",
+        "doc_id": f"doc-{key}", "source": "stackmathqa", "excerpt_start": int(key[1:]), "excerpt_end": 900,
+        "template_id": "cot_high_school" if kind == "cot" else "tool_code", "template_hash": f"sha-{kind}",
+        "stage": "high_school" if kind == "cot" else "tool", "kind": kind, "model_name": "jiuzhang-synthesizer",
+        "model_version": "v1", "model_uri": "file:///m", "sampling": json.dumps({"temperature": 1.0}),
+        "seed": 42, "sample_index": 0, "input_table": "gold.corpus", "input_version": 1, "shard_index": 0,
+        "num_shards": 1, "run_id": "synthesize-test",
     }
 
 
@@ -80,8 +82,17 @@ def test_filter_dedupe_decontaminate_and_rerun(spark: Any, tmp_path: Path) -> No
     assert kept["k01"]["near_dup_cluster"] == "k01" and kept["k04"]["near_dup_cluster"] is None
     for row in kept.values():
         assert row["raw_version"] == raw_version and row["text"].startswith("## Question\n")
-        assert row["doc_id"] == f"doc-{row['request_key']}" and row["template_hash"] == "h"
-    assert all(r["raw_version"] == raw_version and r["doc_id"] for r in dropped.values())
+    # Lineage on every output row, kept or dropped: the raw row's sample lineage, the synthesis
+    # run that wrote it (synthesis_run_id) and this filter run (run_id).
+    raw_by_key = {r["request_key"]: r for r in rows}
+    lineage = [name for name, _ in catalogue.SAMPLE_LINEAGE]
+    for table, out in (("gold.synthetic_problems", kept), ("gold.synthetic_dropped", dropped)):
+        assert set(lineage) | {"synthesis_run_id", "run_id", "raw_version"} <= set(catalogue.table(table).column_names)
+        for key, row in out.items():
+            assert {c: row[c] for c in lineage} == {c: raw_by_key[key][c] for c in lineage}, (table, key)
+            assert all(row[c] is not None for c in lineage), (table, key)
+            assert (row["synthesis_run_id"], row["run_id"], row["raw_version"]) == (
+                "synthesize-test", "filter-test-1", raw_version)
 
     before = {t: lake_io.current_version(settings, t) for t in ("gold.synthetic_problems", "gold.synthetic_dropped")}
     again = synthetic_filter.run(spark, settings, "filter-test-2")

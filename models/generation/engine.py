@@ -2,13 +2,23 @@
 
 ``run_generation(requests, backend, ledger, budget) -> GenerationReport``
 
-1. deduplicate the requests by key and read the ledger: keys that already succeeded are
-   skipped (the server never sees them again), everything else gets a ``pending`` row;
+1. deduplicate the requests by key and read the ledger: keys that already succeeded (or were
+   abandoned after ``generation.max_attempts_per_key`` failed sends) are skipped — the server
+   never sees them again — everything else gets a ``pending`` row;
 2. hand the backend a lazy iterator whose every ``next()`` first reserves the request's worst
-   case in the budget — the first refusal ends the iterator, so nothing over a cap is sent;
-3. record every response in the ledger as it arrives (buffered, flushed every N rows or T
-   seconds), settle its reservation with the real token counts and cost;
-4. report: sent, succeeded, failed, skipped as done, not sent because of the budget, tokens, cost.
+   case in the (per-model) budget — the first refusal ends the iterator, so nothing over a cap
+   is sent — and notes the send in the ledger; each retry the backend wants reserves one more
+   call first (the call cap counts every HTTP attempt);
+3. record every response in the ledger as it arrives, settle its reservation with the real
+   token counts, attempts and cost;
+4. report: sent, succeeded, failed, abandoned, skipped as done, not sent because of the budget,
+   tokens, cost.
+
+Write-through ledgers (paid models by default, see ``models/generation/ledger.py``) make step 2
+durable before the send (one commit for all requests dispatched together) and step 3 durable
+before the backend may send again: the iterator blocks while ``concurrency`` requests are sent
+and not yet committed, so a SIGKILL can lose at most the calls in flight — which the ledger still
+counts as spent on reopen, and which are the only keys a rerun may send a second time.
 
 ``run_batch_generation`` is the same contract for the Batch API, where the send is a batch:
 the batch id is written to the ledger before any polling, and a rerun resumes stored batches
@@ -24,14 +34,16 @@ import argparse
 import json
 import logging
 import sys
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from models.generation.budget import Budget, Reservation
-from models.generation.ledger import FAILED, SUBMITTED, SUBMITTING, SUCCEEDED, Ledger
+from models.generation.budget import Budget, Reservation, shard_allowances
+from models.generation.ledger import ABANDONED, DONE, FAILED, SUBMITTED, SUBMITTING, SUCCEEDED, Ledger
 from models.generation.types import Backend, GenerationRequest, GenerationResponse
 
 if TYPE_CHECKING:
@@ -55,9 +67,11 @@ class GenerationReport:
     unique: int = 0
     duplicates_in_input: int = 0
     skipped_done: int = 0
+    skipped_abandoned: int = 0  # keys abandoned by earlier runs (not sent again)
     sent: int = 0
     succeeded: int = 0
     failed: int = 0
+    abandoned: int = 0  # keys that failed for the last allowed time in this run (also in ``failed``)
     not_sent_budget: int = 0
     unanswered: int = 0  # sent, but the backend ended without an answer (left pending)
     prompt_tokens: int = 0
@@ -72,14 +86,19 @@ class GenerationReport:
     batches_resumed: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     elapsed_s: float = 0.0
+    write_through: bool = False
     ledger_flushes: int = 0
+    ledger_commits: int = 0  # write-through commits (markers + answers)
     ledger_seconds: float = 0.0
 
-    def add(self, response: GenerationResponse, cost: float) -> None:
+    def add(self, response: GenerationResponse, cost: float, status: str | None = None) -> None:
         if response.ok:
             self.succeeded += 1
         else:
-            self.failed += 1
+            if status == ABANDONED:
+                self.abandoned += 1
+            else:
+                self.failed += 1
             kind = (response.error or "unknown").split(":")[0][:60]
             self.errors[kind] = self.errors.get(kind, 0) + 1
         self.prompt_tokens += response.prompt_tokens
@@ -106,13 +125,46 @@ def dedupe(requests: Iterable[GenerationRequest]) -> tuple[list[GenerationReques
     return list(seen.values()), total - len(seen)
 
 
-def budget_for(settings: Settings, ledger: Ledger, backend_name: str = "openai") -> Budget:
-    """The caps that guard ``ledger`` (teacher or synthesis), seeded with what it already spent."""
+@dataclass(frozen=True)
+class ShardScope:
+    """One shard of a sharded run: its share of the caps is computed from its own partition of the
+    ledger (``assign(doc_id, key) -> shard``, the same function that partitions the input)."""
+
+    index: int
+    count: int
+    model: str
+    assign: Callable[[str | None, str], int]
+
+
+def budget_for(settings: Settings, ledger: Ledger, backend_name: str = "openai", *,
+               shard: ShardScope | None = None) -> Budget:
+    """The caps that guard ``ledger`` (teacher or synthesis), per model, seeded with what it already spent.
+
+    With ``shard``, the caps are that shard's deterministic share (``budget.shard_allowances``):
+    N shards started in any order, restarted any number of times, together stay within the caps.
+    """
     section = BUDGETS.get(ledger.table.full_name, "synthesis_budget")
     config = settings.generation
+    caps = getattr(config, section)
     factor = config.batch_price_factor if backend_name == "openai-batch" else 1.0
-    return Budget.from_settings(getattr(config, section), config.prices, spent=ledger.spent(),
-                                price_factor=factor, label=f"generation.{section}")
+    label = f"generation.{section}"
+    if shard is None:
+        return Budget.from_settings(caps, config.prices, spent=ledger.spent_by_model(), price_factor=factor,
+                                    label=label)
+    if not 0 <= shard.index < shard.count:
+        raise ValueError(f"shard {shard.index} of {shard.count}: need 0 <= index < count")
+    spends = ledger.spend_by_shard(shard.model, shard.count, shard.assign)
+    calls = shard_allowances([s.calls for s in spends], caps.max_calls)[shard.index]
+    tokens = shard_allowances([s.tokens for s in spends], caps.max_tokens)[shard.index]
+    usd = shard_allowances([s.usd for s in spends], caps.max_usd, integer=False)[shard.index]
+    own = spends[shard.index]
+    budget = Budget(max_calls=None if calls is None else int(calls),
+                    max_tokens=None if tokens is None else int(tokens), max_usd=usd, prices=dict(config.prices),
+                    price_factor=factor, spent_by_model={shard.model: own.copy()}, label=label,
+                    scope=f", shard {shard.index}/{shard.count}'s share of the cap")
+    log.info("shard %d/%d of %s: caps calls=%s tokens=%s usd=%s (own spend %s)", shard.index, shard.count,
+             label, budget.max_calls, budget.max_tokens, budget.max_usd, own)
+    return budget
 
 
 def _start(requests: Iterable[GenerationRequest], backend: Backend, ledger: Ledger,
@@ -123,8 +175,9 @@ def _start(requests: Iterable[GenerationRequest], backend: Backend, ledger: Ledg
                               ledger=ledger.table.full_name, requested=len(unique) + duplicates,
                               unique=len(unique), duplicates_in_input=duplicates)
     state = ledger.state()
-    todo = [r for r in unique if r.key not in state or state[r.key].status != SUCCEEDED]
-    report.skipped_done = len(unique) - len(todo)
+    todo = [r for r in unique if r.key not in state or state[r.key].status not in DONE]
+    report.skipped_abandoned = sum(1 for r in unique if r.key in state and state[r.key].status == ABANDONED)
+    report.skipped_done = len(unique) - len(todo) - report.skipped_abandoned
     budget.check_models({r.model for r in todo})
     ledger.add_pending(todo)
     return report, todo
@@ -132,14 +185,106 @@ def _start(requests: Iterable[GenerationRequest], backend: Backend, ledger: Ledg
 
 def _finish(report: GenerationReport, ledger: Ledger, budget: Budget, started: float) -> GenerationReport:
     report.elapsed_s = time.perf_counter() - started
+    report.write_through = ledger.write_through
     report.ledger_flushes = int(ledger.stats["flushes"])
-    report.ledger_seconds = float(ledger.stats["flush_seconds"] + ledger.stats["record_seconds"])
+    report.ledger_commits = int(ledger.stats["commits"])
+    report.ledger_seconds = float(ledger.stats["flush_seconds"] + ledger.stats["record_seconds"]
+                                  + ledger.stats["commit_seconds"])
     if budget.exhausted:
         report.budget_exhausted = True
         report.message = (f"{budget.exhausted}; {report.not_sent_budget} requests not sent (still pending "
                           "in the ledger) — raise the cap to continue; keys already done will not be re-sent")
         log.warning(report.message)
     return report
+
+
+class _Dispatcher:
+    """The lazy request stream the backend pulls from: reserve, mark, and (write-through) throttle.
+
+    ``window``: at most this many requests sent and not yet recorded (write-through with a backend
+    that pulls from its own thread: its concurrency). Requests are reserved and marked in groups
+    of the free slots, so a burst of dispatches costs one ledger commit.
+    """
+
+    def __init__(self, todo: list[GenerationRequest], ledger: Ledger, budget: Budget, report: GenerationReport,
+                 window: int | None, group: int) -> None:
+        self.todo = iter(todo)
+        self.ledger, self.budget, self.report = ledger, budget, report
+        self.window, self.group = window, max(1, group)
+        self.reservations: dict[str, Reservation] = {}
+        self.ready: deque[GenerationRequest] = deque()  # reserved + marked, not yet handed out
+        self.outstanding = 0
+        self.closed = False
+        self.cond = threading.Condition()
+
+    def stream(self) -> Iterator[GenerationRequest]:
+        # Runs wherever the backend pulls (a worker thread for ``openai``). Returning ends the
+        # stream; requests in flight still finish.
+        while True:
+            with self.cond:
+                while self.window is not None and self.outstanding >= self.window and not self.closed:
+                    self.cond.wait()
+                if self.closed:
+                    return
+                request = self.ready.popleft() if self.ready else None
+                if request is not None:
+                    self.outstanding += 1
+                free = self.window - self.outstanding if self.window is not None else self.group
+            if request is None:
+                if not self._dispatch(free):
+                    return
+                continue
+            self.report.sent += 1
+            yield request
+
+    def _dispatch(self, count: int) -> bool:
+        """Reserve up to ``count`` requests and mark them sent (one commit). False when none is left."""
+        items = []
+        for request in self.todo:
+            reservation = self.budget.reserve(request)
+            if reservation is None:
+                break
+            self.reservations[request.key] = reservation
+            items.append((request, reservation.tokens, reservation.usd))
+            if len(items) >= count:
+                break
+        if not items:
+            return False
+        try:
+            self.ledger.mark_sending(items)
+        except BaseException:
+            for request, _, _ in items:
+                self.budget.release(self.reservations.pop(request.key))
+            raise
+        with self.cond:
+            self.ready.extend(request for request, _, _ in items)
+        return True
+
+    def before_retry(self, request: GenerationRequest, attempt: int) -> bool:
+        """The backend asks before re-sending: one more call reserved (and durably noted)."""
+        reservation = self.reservations.get(request.key)
+        if reservation is None or self.closed or not self.budget.reserve_retry(reservation):
+            return False
+        self.ledger.mark_retry(request)
+        return True
+
+    def answered(self) -> None:
+        with self.cond:
+            self.outstanding -= 1
+            self.cond.notify_all()
+
+    def close(self) -> None:
+        """Stop the stream (a pull waiting for a free slot returns at once)."""
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+    def take_unsent(self) -> list[GenerationRequest]:
+        """Requests reserved and marked but never handed out (call after the backend stopped)."""
+        with self.cond:
+            unsent = list(self.ready)
+            self.ready.clear()
+        return unsent
 
 
 def run_generation(requests: Iterable[GenerationRequest], backend: Backend, ledger: Ledger, budget: Budget,
@@ -150,39 +295,47 @@ def run_generation(requests: Iterable[GenerationRequest], backend: Backend, ledg
     started = time.perf_counter()
     report, todo = _start(requests, backend, ledger, budget)
     by_key = {r.key: r for r in todo}
-    reservations: dict[str, Reservation] = {}
-
-    def gated() -> Iterator[GenerationRequest]:
-        # Runs wherever the backend pulls (its own thread for ``openai``): reserve, then release
-        # the request to be sent. Returning ends the stream; in-flight requests still finish.
-        for request in todo:
-            reservation = budget.reserve(request)
-            if reservation is None:
-                return
-            reservations[request.key] = reservation
-            report.sent += 1
-            yield request
+    write_through = ledger.resolve_write_through(any(budget.is_paid(m) for m in {r.model for r in todo}))
+    concurrent = getattr(backend, "pulls_concurrently", False)
+    window = int(getattr(backend, "concurrency", 1)) if write_through and concurrent else None
+    group = window or int(getattr(backend, "batch_size", 1) or 1)
+    dispatcher = _Dispatcher(todo, ledger, budget, report, window, group)
+    hooks: dict[str, Any] = {"before_retry": dispatcher.before_retry} if concurrent else {}
 
     ledger.start_autoflush()
+    stream = backend.generate(dispatcher.stream(), **hooks)
     try:
-        for response in backend.generate(gated()):
-            request, reservation = by_key.get(response.key), reservations.pop(response.key, None)
+        for response in stream:
+            request, reservation = by_key.get(response.key), dispatcher.reservations.pop(response.key, None)
             if request is None or reservation is None:
                 log.warning("backend %s answered key %s that was not sent in this run; ignored",
                             report.backend, response.key)
                 continue
             ok = response.ok
             cost = budget.settle(reservation, response.prompt_tokens if ok else 0,
-                                 response.completion_tokens if ok else 0)
-            ledger.record(request, response, cost)
-            report.add(response, cost)
+                                 response.completion_tokens if ok else 0, calls=response.attempts)
+            status = ledger.record(request, response, cost, calls=response.attempts)
+            dispatcher.answered()  # write-through: committed, so the slot may send again
+            report.add(response, cost, status)
             if progress_every and (report.succeeded + report.failed) % progress_every == 0:
                 log.info("%d/%d answered (%d failed)", report.succeeded + report.failed, len(todo), report.failed)
     finally:
-        for reservation in reservations.values():  # sent, never answered: stays pending, re-sent next run
+        dispatcher.close()
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()  # the backend stops pulling and joins its worker
+        unsent = dispatcher.take_unsent()
+        for request in unsent:  # reserved and marked, never handed to the backend
+            budget.release(dispatcher.reservations.pop(request.key))
+        for reservation in dispatcher.reservations.values():
+            # sent, never answered: a write-through ledger keeps them ``sending`` (counted as spent
+            # on reopen); either way the next run sends them again
             budget.release(reservation)
-        report.unanswered = len(reservations)
-        ledger.close()
+        report.unanswered = len(dispatcher.reservations)
+        try:
+            ledger.cancel_sending(unsent)
+        finally:
+            ledger.close()
     report.not_sent_budget = len(todo) - report.sent
     return _finish(report, ledger, budget, started)
 
@@ -200,6 +353,7 @@ def run_batch_generation(requests: Iterable[GenerationRequest], backend: OpenAIB
     """
     started = time.perf_counter()
     report, todo = _start(requests, backend, ledger, budget)
+    _batch_ledger(ledger)
     state = ledger.state()
     submitted: dict[str, list[GenerationRequest]] = {}
     uploaded: dict[str, list[GenerationRequest]] = {}
@@ -261,12 +415,19 @@ def run_batch_generation(requests: Iterable[GenerationRequest], backend: OpenAIB
     return _finish(report, ledger, budget, started)
 
 
+def _batch_ledger(ledger: Ledger) -> None:
+    # The Batch API needs no write-through: what is paid for is the batch, whose id ``mark_batch``
+    # writes at once, and its results stay downloadable — so results are recorded buffered.
+    ledger.write_through_mode = False
+
+
 def collect_batch(backend: OpenAIBatchBackend, ledger: Ledger, budget: Budget, batch: BatchState,
                   requests: Sequence[GenerationRequest], *, reservations: dict[str, Reservation] | None = None,
                   report: GenerationReport | None = None) -> GenerationReport:
     """Record a terminal batch's results in the ledger (the step after a deferred poll)."""
     report = report if report is not None else GenerationReport(
         run_id=ledger.run_id, backend=backend.name, ledger=ledger.table.full_name)
+    _batch_ledger(ledger)
     by_key = {r.key: r for r in requests}
     state = ledger.state()
     for response in backend.results(batch, by_key):
@@ -281,8 +442,8 @@ def collect_batch(backend: OpenAIBatchBackend, ledger: Ledger, budget: Budget, b
             cost = budget.settle(reservation, prompt_tokens, completion_tokens)
         else:
             cost = budget.cost(request.model, prompt_tokens, completion_tokens)
-        ledger.record(request, response, cost, calls=0)  # the call was counted when submitted
-        report.add(response, cost)
+        status = ledger.record(request, response, cost, calls=0)  # the call was counted when submitted
+        report.add(response, cost, status)
     ledger.flush()
     return report
 
@@ -327,6 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-usd", type=float, help="override the ledger's USD cap")
     parser.add_argument("--flush-every", type=int, help="ledger flush every N responses")
     parser.add_argument("--flush-seconds", type=float, help="ledger flush every T seconds")
+    parser.add_argument("--write-through", choices=("auto", "true", "false"),
+                        help="ledger write-through (default: generation.ledger_write_through)")
+    parser.add_argument("--max-attempts-per-key", type=int, help="failed sends before a key is abandoned")
     parser.add_argument("--poll-interval-s", type=float, help="Batch API poll interval")
     parser.add_argument("--no-wait", action="store_true", help="Batch API: submit and return")
     parser.add_argument("--run-id", help="run id stamped on ledger rows (default: a new one)")
@@ -338,9 +502,12 @@ def settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
     for flag, name in (("backend", "backend"), ("base_url", "base_url"), ("concurrency", "concurrency"),
                        ("timeout_s", "request_timeout_s"), ("max_retries", "max_retries"),
                        ("flush_every", "ledger_flush_every"), ("flush_seconds", "ledger_flush_seconds"),
-                       ("poll_interval_s", "batch_poll_interval_s")):
+                       ("poll_interval_s", "batch_poll_interval_s"),
+                       ("max_attempts_per_key", "max_attempts_per_key")):
         if getattr(args, flag) is not None:
             generation[name] = getattr(args, flag)
+    if args.write_through is not None:
+        generation["ledger_write_through"] = {"true": True, "false": False}.get(args.write_through, "auto")
     if args.served_model:
         from jzlake.cli import parse_key_values
 
@@ -371,11 +538,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         report = run_generation(requests, backend, ledger, budget)
     print(json.dumps(report.as_dict(), sort_keys=True))
-    return 0 if report.failed == 0 else 3
+    return 0 if report.failed == 0 and report.abandoned == 0 else 3
 
 
-__all__ = ["FAILED", "GenerationReport", "budget_for", "collect_batch", "dedupe", "read_requests",
-           "run_batch_generation", "run_generation", "write_requests"]
+__all__ = ["ABANDONED", "FAILED", "GenerationReport", "ShardScope", "budget_for", "collect_batch", "dedupe",
+           "read_requests", "run_batch_generation", "run_generation", "write_requests"]
 
 if __name__ == "__main__":
     sys.exit(main())

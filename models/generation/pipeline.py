@@ -6,7 +6,8 @@ Both jobs are the same three steps around the engine:
 1. ``plan_requests`` — for each document choose its template(s) (seeded, see
    ``prompt_library``), cut an excerpt per template kind, render, and build one request per
    (document, template, sample index) carrying its lineage. Documents without a usable excerpt
-   are counted by reason, never silently dropped.
+   are counted by reason, never silently dropped; one whose prompt repeats an earlier
+   document's (same excerpt, same template: same ledger key) is counted as ``duplicate_excerpt``.
 2. the engine sends what the ledger has not answered yet (exactly-once, budgets);
 3. ``sample_rows`` — read the ledger's answers for the planned keys, parse and validate them
    (tool code in the sandbox) into accepted and rejected rows with lineage.
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -40,6 +41,10 @@ if TYPE_CHECKING:
 SKIP_NO_EXCERPT = "no_excerpt"          # no boundary outside math before the cap
 SKIP_SHORT_EXCERPT = "excerpt_too_short"  # below prompts.min_excerpt_chars
 SKIP_EMPTY_TEXT = "empty_text"
+# The same template over the same excerpt text is the same request (the ledger key leaves the
+# doc_id out on purpose: one paid call per distinct prompt), so later documents that repeat an
+# earlier document's excerpt are skipped; the first one (input order) keeps the request.
+SKIP_DUPLICATE_EXCERPT = "duplicate_excerpt"
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,7 @@ def plan_requests(
     documents: Iterable[SourceDocument], *, model: str, templates: dict[str, PromptTemplate],
     prompts: PromptSettings, cot_sampling: SamplingSettings, tool_sampling: SamplingSettings,
     samples_per_prompt: int = 1, lineage: dict[str, Any] | None = None,
+    owned: Callable[[SourceDocument], bool] | None = None,
 ) -> Plan:
     """One request per (document, chosen template, sample index); see module docstring.
 
@@ -85,14 +91,27 @@ def plan_requests(
     request's lineage next to the per-request fields (doc_id, source, excerpt offsets, stage,
     kind, seed). The sampling seed is ``prompts.seed + sample_index`` so repeated samples of one
     prompt differ on backends that honour seeds.
+
+    Request keys are unique in the plan: a (document, template) whose rendered prompt an earlier
+    document already produced is counted as ``duplicate_excerpt`` in ``plan.skipped`` instead.
+    ``owned`` (sharded runs): documents it rejects belong to another shard — they are planned
+    only to claim their keys (so a later duplicate here is skipped, not paid for twice across
+    shards) and appear neither in the requests nor in the counts.
     """
     plan = Plan()
     base = dict(lineage or {})
+    planned_keys: set[str] = set()
+
+    def skip(reason: str, pairs: int = 1) -> None:
+        if mine and pairs:
+            plan.skipped[reason] += pairs
+
     for doc in documents:
-        plan.documents += 1
+        mine = owned is None or owned(doc)
+        plan.documents += 1 if mine else 0
         chosen = choose_template_ids(doc.doc_id, doc.source, prompts)
         if not doc.text or not doc.text.strip():
-            plan.skipped[SKIP_EMPTY_TEXT] += len(chosen)
+            skip(SKIP_EMPTY_TEXT, len(chosen))
             continue
         cuts: dict[int, Excerpt | None] = {}
         for template_id in chosen:
@@ -101,13 +120,14 @@ def plan_requests(
                 cuts[template.excerpt_chars] = cut_excerpt(doc.text, template.excerpt_chars)
             excerpt = cuts[template.excerpt_chars]
             if excerpt is None:
-                plan.skipped[SKIP_NO_EXCERPT] += 1
+                skip(SKIP_NO_EXCERPT)
                 continue
             if len(excerpt.text) < prompts.min_excerpt_chars:
-                plan.skipped[SKIP_SHORT_EXCERPT] += 1
+                skip(SKIP_SHORT_EXCERPT)
                 continue
             messages = template.render(excerpt.text)
             config = tool_sampling if template.kind == "tool" else cot_sampling
+            pair: list[PlannedRequest] = []
             for index in range(samples_per_prompt):
                 seed = prompts.seed + index
                 request_lineage = {
@@ -118,7 +138,14 @@ def plan_requests(
                     model=model, messages=messages, sampling=sampling_params(config, seed),
                     template_id=template.id, template_hash=template.sha256, sample_index=index,
                     lineage=request_lineage)
-                plan.requests.append(PlannedRequest(request, template, excerpt))
+                pair.append(PlannedRequest(request, template, excerpt))
+            # all samples of a pair share the prompt: either all of them are new or none is
+            if pair and pair[0].request.key in planned_keys:
+                skip(SKIP_DUPLICATE_EXCERPT)
+                continue
+            planned_keys.update(p.request.key for p in pair)
+            if mine:
+                plan.requests.extend(pair)
     return plan
 
 
@@ -127,7 +154,8 @@ def sandbox_limits(config: SandboxSettings) -> SandboxLimits:
 
     return SandboxLimits(cpu_seconds=config.cpu_seconds, wall_seconds=config.wall_seconds,
                          memory_bytes=config.memory_mb << 20, max_output_bytes=config.max_output_kb << 10,
-                         network_isolation=config.network_isolation)
+                         network_isolation=config.network_isolation,
+                         filesystem_isolation=config.filesystem_isolation)
 
 
 def parse_planned(planned: PlannedRequest, text: str | None, finish_reason: str | None,
@@ -212,6 +240,52 @@ def ledger_answers(ledger_rows: dict[str, list[Any]], keys: set[str]) -> tuple[d
         if row["status"] == "succeeded":
             answers[key] = row
     return answers, statuses
+
+
+def batch_states(backend: Any, requests: Iterable[GenerationRequest], ledger: Ledger) -> list[dict[str, Any]]:
+    """One poll per stored Batch API batch of ``requests`` (``submitted`` keys in the ledger):
+    its id, status and counts, and how many of these requests it holds. Sorted by batch id."""
+    groups = _stored_batches(requests, ledger)
+    return [{**backend.poll(batch_id).as_dict(), "requests": len(groups[batch_id])} for batch_id in sorted(groups)]
+
+
+def _stored_batches(requests: Iterable[GenerationRequest], ledger: Ledger) -> dict[str, list[GenerationRequest]]:
+    state = ledger.state(refresh=True)
+    groups: dict[str, list[GenerationRequest]] = {}
+    for request in requests:
+        entry = state.get(request.key)
+        if entry is not None and entry.status == "submitted" and entry.batch_id:
+            groups.setdefault(entry.batch_id, []).append(request)
+    return groups
+
+
+def collect_stored_batches(requests: list[GenerationRequest], backend: Any, ledger: Ledger,
+                           budget: Any) -> tuple[GenerationReport, list[dict[str, Any]]]:
+    """Collect every *finished* Batch API batch the ledger stores for ``requests``; submit nothing.
+
+    Batches still running are polled once and left alone (their keys stay ``submitted``), so
+    this is safe to run at any time, and again: a collected key is ``succeeded``/``failed`` and
+    is not collected twice. Returns the report (succeeded/failed as collected now,
+    ``skipped_done`` = keys already answered) and each batch's state (``collected`` true/false).
+    """
+    from models.generation.engine import GenerationReport, collect_batch
+
+    report = GenerationReport(run_id=ledger.run_id, backend=backend.name, ledger=ledger.table.full_name,
+                              requested=len(requests), unique=len({r.key for r in requests}))
+    state = ledger.state(refresh=True)
+    report.skipped_done = sum(1 for r in requests if r.key in state and state[r.key].status == "succeeded")
+    groups = _stored_batches(requests, ledger)
+    batches = []
+    try:
+        for batch_id in sorted(groups):
+            batch = backend.poll(batch_id)
+            if batch.terminal:
+                collect_batch(backend, ledger, budget, batch, groups[batch_id], report=report)
+            batches.append({**batch.as_dict(), "requests": len(groups[batch_id]), "collected": batch.terminal})
+    finally:
+        ledger.close()
+    report.batches = sorted(groups)
+    return report, batches
 
 
 def reconcile(total: int, accepted: int, rejected: Counter[str], failed: int, not_sent: int) -> None:

@@ -9,7 +9,13 @@ engine's budget gate and ledger need no async code). The SDK's own retries are o
   jitter, or exactly the server's ``Retry-After`` / ``retry-after-ms`` when it sends one
   (capped at ``max_retry_after_s``);
 * not retried: other 4xx (bad request, auth, not found) — they fail the key at once, with the
-  server's message, and the next run tries again.
+  server's message, and the next run tries again (up to ``generation.max_attempts_per_key``).
+
+Every HTTP attempt is a billable call: before a retry, ``generate(..., before_retry=...)`` asks the
+engine, which reserves one more call in the budget (and, write-through, notes it in the ledger);
+a refusal ends that key's retries with an ``(interrupted: ...)`` error. Requests are pulled from
+the engine's stream and the hook is called in worker threads, never on the event loop, so a
+ledger commit there does not stall requests in flight.
 
 Each request carries its ledger key in the ``X-JZLake-Request-Key`` header so proxies and
 logs can tell keys apart. The API key is held as a ``SecretStr``, never logged, and scrubbed
@@ -26,11 +32,13 @@ import random
 import re
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pydantic import SecretStr
 
+from models.generation.ledger import INTERRUPTED
 from models.generation.types import GenerationRequest, GenerationResponse
 
 log = logging.getLogger("jzlake.generation.openai")
@@ -38,6 +46,7 @@ log = logging.getLogger("jzlake.generation.openai")
 KEY_HEADER = "X-JZLake-Request-Key"
 RETRYABLE_STATUS = frozenset({408, 409, 429})
 _END = object()
+RetryGate = Callable[[GenerationRequest, int], bool]
 _SECRET_PATTERN = re.compile(r"\b(sk-[A-Za-z0-9_\-*]{4,}|Bearer\s+\S+)")
 
 
@@ -99,6 +108,8 @@ class OpenAIBackend:
     """Online chat completions with retries, Retry-After and bounded concurrency."""
 
     name = "openai"
+    pulls_concurrently = True  # pulls from its own thread and accepts ``before_retry``
+
 
     def __init__(self, base_url: str, api_key: SecretStr | str | None = None, *, concurrency: int = 8,
                  timeout_s: float = 120.0, max_retries: int = 6, backoff_initial_s: float = 1.0,
@@ -137,8 +148,9 @@ class OpenAIBackend:
 
     # ---- one request with retries ------------------------------------------------------------
 
-    async def _one(self, client: Any, request: GenerationRequest,
-                   stop: threading.Event | None = None) -> GenerationResponse:
+    async def _one(self, client: Any, request: GenerationRequest, stop: threading.Event | None = None,
+                   before_retry: RetryGate | None = None, pool: ThreadPoolExecutor | None = None
+                   ) -> GenerationResponse:
         import openai
 
         started = time.perf_counter()
@@ -168,31 +180,45 @@ class OpenAIBackend:
             except Exception as exc:  # malformed answer etc.: not worth a retry storm
                 retryable, wait = False, None
                 error = f"{type(exc).__name__}: {exc}"
-            if not retryable or attempt > self.max_retries or (stop is not None and stop.is_set()):
-                why = ("not retryable" if not retryable else "run stopped" if attempt <= self.max_retries
-                       else f"gave up after {attempt} attempts")
-                return GenerationResponse(
-                    key=request.key, text=None, finish_reason=None, latency_s=time.perf_counter() - started,
-                    error=redact(f"{error} ({why})", self._api_key)[:2000], attempts=attempt)
-            if wait is not None:
-                delay = min(wait, self.max_retry_after_s)
-            else:
-                delay = backoff_delay(attempt, self.backoff_initial_s, self.backoff_max_s, self._rng)
-            log.info("key %s attempt %d failed (%s); retrying in %.2fs", request.key[:12], attempt,
-                     redact(error, self._api_key)[:200], delay)
-            await asyncio.sleep(delay)
+            note = None
+            if not retryable:
+                note = "(not retryable)"
+            elif attempt > self.max_retries:
+                note = f"(gave up after {attempt} attempts)"
+            elif stop is not None and stop.is_set():
+                note = f"{INTERRUPTED}run stopped)"
+            if note is None:
+                if wait is not None:
+                    delay = min(wait, self.max_retry_after_s)
+                else:
+                    delay = backoff_delay(attempt, self.backoff_initial_s, self.backoff_max_s, self._rng)
+                log.info("key %s attempt %d failed (%s); retrying in %.2fs", request.key[:12], attempt,
+                         redact(error, self._api_key)[:200], delay)
+                await asyncio.sleep(delay)
+                # The retry is one more billable call: the engine reserves it (off the event loop).
+                if before_retry is not None and not await asyncio.get_running_loop().run_in_executor(
+                        pool, before_retry, request, attempt + 1):
+                    note = f"{INTERRUPTED}no budget left for retry {attempt + 1}, or the run stopped)"
+                else:
+                    continue
+            return GenerationResponse(
+                key=request.key, text=None, finish_reason=None, latency_s=time.perf_counter() - started,
+                error=redact(f"{error} {note}", self._api_key)[:2000], attempts=attempt)
 
     # ---- the stream ------------------------------------------------------------------------
 
-    async def _produce(self, requests: Iterator[GenerationRequest], out: queue.Queue,
-                       stop: threading.Event) -> None:
+    async def _produce(self, requests: Iterator[GenerationRequest], out: queue.Queue, stop: threading.Event,
+                       before_retry: RetryGate | None = None) -> None:
         client = self._client()
         slots = asyncio.Semaphore(self.concurrency)
         tasks: set[asyncio.Task] = set()
+        loop = asyncio.get_running_loop()
+        # Pulls and retry gates may block on ledger commits: they run here, off the event loop.
+        pool = ThreadPoolExecutor(max_workers=self.concurrency + 1, thread_name_prefix="openai-gate")
 
         async def run(request: GenerationRequest) -> None:
             try:
-                out.put(await self._one(client, request, stop))
+                out.put(await self._one(client, request, stop, before_retry, pool))
             finally:
                 slots.release()
 
@@ -200,8 +226,8 @@ class OpenAIBackend:
             while not stop.is_set():
                 await slots.acquire()
                 # Pull only once a slot is free: the engine's budget is reserved right before the send.
-                request = next(requests, None)
-                if request is None or stop.is_set():
+                request = await loop.run_in_executor(pool, next, requests, None)
+                if request is None or stop.is_set():  # (a request pulled now is released by the engine)
                     slots.release()
                     break
                 task = asyncio.create_task(run(request))
@@ -213,9 +239,15 @@ class OpenAIBackend:
             for task in tasks:
                 task.cancel()
             await client.close()
+            pool.shutdown(wait=False, cancel_futures=True)
 
-    def generate(self, requests: Iterable[GenerationRequest]) -> Iterator[GenerationResponse]:
-        """Send ``requests`` (pulled lazily), yield responses as they complete (any order)."""
+    def generate(self, requests: Iterable[GenerationRequest], *,
+                 before_retry: RetryGate | None = None) -> Iterator[GenerationResponse]:
+        """Send ``requests`` (pulled lazily), yield responses as they complete (any order).
+
+        ``before_retry(request, attempt) -> bool`` is asked before every retry (attempt >= 2);
+        ``False`` ends that request's retries.
+        """
         out: queue.Queue = queue.Queue()
         stop = threading.Event()
         failure: list[BaseException] = []
@@ -223,7 +255,7 @@ class OpenAIBackend:
         def worker() -> None:
             loop = asyncio.new_event_loop()
             try:
-                loop.run_until_complete(self._produce(iter(requests), out, stop))
+                loop.run_until_complete(self._produce(iter(requests), out, stop, before_retry))
             except BaseException as exc:
                 failure.append(exc)
             finally:
