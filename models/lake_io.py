@@ -142,6 +142,25 @@ def conform(full_name: str, rows: pa.Table | Sequence[Mapping[str, Any]]) -> pa.
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
+def add_missing_columns(table: DeltaTable, spec: catalogue.Table) -> list[str]:
+    """Add the catalogued columns ``table`` lacks (rows written before read null): a lake written by
+    an earlier release keeps working. Safe against a concurrent adder."""
+    from deltalake.schema import Field
+
+    present = {f.name for f in table.schema().fields}
+    wanted = spec.arrow_schema()
+    missing = [wanted.field(name) for name in wanted.names if name not in present]
+    if missing:
+        try:
+            table.alter.add_columns([Field.from_arrow(f) for f in missing])
+        except Exception:  # another process added them first
+            table.update_incremental()
+            present = {f.name for f in table.schema().fields}
+            if any(f.name not in present for f in missing):
+                raise
+    return [f.name for f in missing]
+
+
 def ensure_table(settings: Settings, full_name: str) -> DeltaTable:
     """The Delta table, created empty from the catalogue schema when missing."""
     from deltalake import DeltaTable
@@ -149,7 +168,9 @@ def ensure_table(settings: Settings, full_name: str) -> DeltaTable:
     spec = catalogue.table(full_name)
     uri = table_uri(settings, full_name)
     if DeltaTable.is_deltatable(uri):
-        return DeltaTable(uri)
+        table = DeltaTable(uri)
+        add_missing_columns(table, spec)
+        return table
     return DeltaTable.create(uri, spec.arrow_schema(), mode="ignore",
                              partition_by=list(spec.partition_by) or None,
                              name=full_name, description=spec.description)

@@ -163,6 +163,7 @@ def ensure_table(spark: SparkSession, table: Table, settings: Settings) -> None:
     from delta.tables import DeltaTable
 
     if table_exists(spark, table, settings):
+        evolve_schema(spark, table, settings)
         return
     builder = DeltaTable.createIfNotExists(spark).location(table.uri(settings)).addColumns(table.spark_schema())
     if table.partition_by:
@@ -173,6 +174,29 @@ def ensure_table(spark: SparkSession, table: Table, settings: Settings) -> None:
     for key, value in table.properties.items():
         builder = builder.property(key, value)
     builder.execute()
+
+
+def evolve_schema(spark: SparkSession, table: Table, settings: Settings) -> list[str]:
+    """Add the catalogued columns an existing table lacks (rows written before read null).
+
+    Additive evolution only, so a lake written by an earlier release keeps working. A column whose
+    type differs from the catalogue's is an error naming the fix; columns the catalogue dropped stay.
+    """
+    from delta.tables import DeltaTable
+
+    uri = table.uri(settings)
+    present = {f.name: f.dataType for f in DeltaTable.forPath(spark, uri).toDF().schema.fields}
+    wanted = table.spark_schema().fields
+    changed = [f"{f.name} ({present[f.name].simpleString()} in the lake, {f.dataType.simpleString()} catalogued)"
+               for f in wanted if f.name in present and present[f.name] != f.dataType]
+    if changed:
+        raise RuntimeError(f"{table.full_name} at {uri} has columns of another type: {', '.join(changed)}. "
+                           "Rebuild the table (drop its folder and rerun the stage that writes it).")
+    missing = [f for f in wanted if f.name not in present]
+    if missing:
+        columns = ", ".join(f"`{f.name}` {f.dataType.simpleString()}" for f in missing)
+        spark.sql(f"ALTER TABLE delta.`{uri}` ADD COLUMNS ({columns})")
+    return [f.name for f in missing]
 
 
 def ensure_tables(spark: SparkSession, settings: Settings, *tables: Table) -> None:

@@ -223,19 +223,11 @@ class Ledger:
 
     def _add_missing_columns(self) -> None:
         """A ledger written before a column was added to the catalogue gets it (null in old rows)."""
-        from deltalake.schema import Field
+        from models.lake_io import add_missing_columns
 
-        present = {f.name for f in self._delta().schema().fields}
-        wanted = self.table.arrow_schema()
-        missing = [wanted.field(name) for name in wanted.names if name not in present]
-        if missing:
-            log.info("ledger %s: adding columns %s", self.table.full_name, [f.name for f in missing])
-            try:
-                self._delta().alter.add_columns([Field.from_arrow(f) for f in missing])
-            except Exception:  # another process added them first
-                present = {f.name for f in self._delta().schema().fields}
-                if any(f.name not in present for f in missing):
-                    raise
+        added = add_missing_columns(self._delta(), self.table)
+        if added:
+            log.info("ledger %s: added columns %s", self.table.full_name, added)
 
     def read(self, columns: list[str] | None = None) -> pa.Table:
         """The whole ledger (or some columns) as an Arrow table; empty when it does not exist."""
