@@ -95,8 +95,9 @@ def current_version(settings: Settings, full_name: str) -> int | None:
 
 
 def read_table_at(settings: Settings, full_name: str, version: int | None = None,
-                  columns: Sequence[str] | None = None) -> tuple[pa.Table, int]:
-    """The table's rows at ``version`` (latest when ``None``) and the version actually read."""
+                  columns: Sequence[str] | None = None, row_filter: Any = None) -> tuple[pa.Table, int]:
+    """The table's rows at ``version`` (latest when ``None``) and the version actually read;
+    ``row_filter`` (a pyarrow dataset expression) is pushed down to the file scan."""
     from deltalake import DeltaTable
 
     uri = table_uri(settings, full_name)
@@ -108,6 +109,9 @@ def read_table_at(settings: Settings, full_name: str, version: int | None = None
     except Exception as exc:  # delta-rs raises its own error types per cause
         raise LakeIOError(f"cannot open {full_name} at version {version} ({uri}): {exc}; versions "
                           "removed by VACUUM cannot be read — rerun with the current version") from exc
+    if row_filter is not None:
+        dataset = table.to_pyarrow_dataset()
+        return dataset.to_table(columns=list(columns) if columns else None, filter=row_filter), table.version()
     return table.to_pyarrow_table(columns=list(columns) if columns else None), table.version()
 
 

@@ -158,37 +158,54 @@ def apply_overrides(settings: Settings, args: argparse.Namespace) -> Settings:
 
 # ---- one shard --------------------------------------------------------------------------------
 
-def planning_documents(settings: Settings, version: int, num_shards: int,
-                       limit: int | None) -> list[SourceDocument]:
-    """Every shard's documents (each shard's cut to ``limit``), in ``doc_id`` order.
-
-    Every shard plans this same list and keeps only its own documents (``plan_requests(owned=)``):
-    a prompt repeated in two shards' documents is then sent once, by the shard of its first
-    document, instead of once per shard.
-    """
-    from models import lake_io
-
-    corpus, _ = lake_io.read_table_at(settings, CORPUS, version, ["doc_id", "source", "text"])
-    data = corpus.to_pydict()
-    docs = sorted((SourceDocument(d, s, t) for d, s, t in zip(data["doc_id"], data["source"], data["text"],
-                                                                strict=True)), key=lambda doc: doc.doc_id)
-    if limit is None:
-        return docs
-    taken: Counter[int] = Counter()
-    kept = []
-    for doc in docs:
-        shard = shard_of(doc.doc_id, num_shards)
-        if taken[shard] < limit:
-            taken[shard] += 1
-            kept.append(doc)
-    return kept
-
-
 def shard_documents(settings: Settings, version: int, shard_index: int, num_shards: int,
                     limit: int | None) -> list[SourceDocument]:
-    """The documents of one shard (``doc_id`` order, at most ``limit``)."""
-    return [doc for doc in planning_documents(settings, version, num_shards, limit)
-            if shard_of(doc.doc_id, num_shards) == shard_index]
+    """The documents of one shard (``doc_id`` order, at most ``limit``), reading only their text.
+
+    Shards are assigned from the ``doc_id`` column alone and other shards' rows are filtered out
+    while scanning, so a shard's memory scales with the shard, not with the corpus. Two
+    documents in different shards whose excerpts render the same prompt are both generated; the
+    commit keeps one row per request key (``commit_raw``).
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from models import lake_io
+
+    ids, _ = lake_io.read_table_at(settings, CORPUS, version, ["doc_id"])
+    mine = sorted(d for d in ids.column("doc_id").to_pylist() if shard_of(d, num_shards) == shard_index)
+    mine = mine[:limit] if limit is not None else mine
+    if not mine:
+        return []
+    # The cast: delta-rs writes string_view files, and pyarrow cannot compare them with a string set.
+    rows, _ = lake_io.read_table_at(settings, CORPUS, version, ["doc_id", "source", "text"],
+                                    row_filter=pc.field("doc_id").cast(pa.string()).isin(mine))
+    data = rows.to_pydict()
+    return sorted((SourceDocument(d, s, t) for d, s, t in zip(data["doc_id"], data["source"], data["text"],
+                                                                strict=True)), key=lambda doc: doc.doc_id)
+
+
+def commit_raw(settings: Settings, run_id: str, num_shards: int) -> dict[str, Any]:
+    """MERGE every staged shard into ``gold.synthetic_raw``, one row per request key.
+
+    A key staged by two shards (two documents whose excerpts render the same prompt) keeps the row
+    of the smaller ``doc_id``; the others are counted as ``duplicate_excerpt_across_shards``.
+    """
+    from jzlake import catalogue
+    from models import lake_io
+
+    rows = lake_io.read_staged(settings, RAW, run_id, num_shards)
+    keys = list(catalogue.table(RAW).merge_keys)
+    ordered = rows.sort_by([(k, "ascending") for k in [*keys, "doc_id"]])
+    first, seen = [], set()
+    for index, row in enumerate(ordered.select(keys).to_pylist()):
+        key = tuple(row.values())
+        if key not in seen:
+            seen.add(key)
+            first.append(index)
+    unique = ordered.take(first)
+    result = lake_io.merge_rows(settings, RAW, unique)
+    return {**result, "rows": unique.num_rows, "duplicate_excerpt_across_shards": rows.num_rows - unique.num_rows}
 
 
 def run_shard(settings: Settings, synthesizer: Synthesizer, run_id: str, version: int, shard_index: int,
@@ -200,10 +217,9 @@ def run_shard(settings: Settings, synthesizer: Synthesizer, run_id: str, version
     from models.generation.ledger import ABANDONED, FAILED, SUCCEEDED, Ledger
 
     config = settings.synthesis
-    documents = planning_documents(settings, version, num_shards, config.max_documents_per_shard)
+    documents = shard_documents(settings, version, shard_index, num_shards, config.max_documents_per_shard)
     plan = plan_requests(
-        documents, owned=lambda doc: shard_of(doc.doc_id, num_shards) == shard_index,
-        model=synthesizer.model, templates=templates_for(settings.prompts, settings.home),
+        documents, model=synthesizer.model, templates=templates_for(settings.prompts, settings.home),
         prompts=settings.prompts, cot_sampling=config.cot_sampling, tool_sampling=config.tool_sampling,
         samples_per_prompt=config.samples_per_prompt,
         lineage={"model_uri": synthesizer.model_uri, "model_version": synthesizer.model_version,
@@ -282,7 +298,7 @@ def synthesize(settings: Settings, *, shard_index: int | None = None, input_vers
     commit_result: dict[str, Any] = {"committed": False}
     staged_now = len(lake_io.staged_files(settings, RAW, run_id))
     if commit and staged_now == num_shards:
-        commit_result = lake_io.commit_staged(settings, RAW, run_id, num_shards)
+        commit_result = commit_raw(settings, run_id, num_shards)
     elif commit:
         commit_result["waiting_for_shards"] = num_shards - staged_now
     note = f"synthesizer {synthesizer.model} ({synthesizer.model_uri})"

@@ -126,22 +126,6 @@ def test_documents_repeating_an_excerpt_keep_one_request_per_key(selection: str)
     assert len(result.requests) + sum(result.skipped.values()) == 3 * (cot_templates + 1)
 
 
-def test_sharded_plans_split_the_unsharded_plan_without_repeating_a_key() -> None:
-    """``owned``: every shard sees all documents in the same order, plans only its own; the
-    twin in another shard than the first document does not re-plan the first one's key."""
-    docs = list(twin_documents())
-    whole = plan(docs, tool_fraction=1.0, min_excerpt_chars=50, stage_selection="all")
-    shards = {"a-first": 0, "b-twin": 1, "c-other": 1}
-    parts = [plan_requests(docs, model="teacher", templates=load_templates(),
-                           prompts=PromptSettings(tool_fraction=1.0, min_excerpt_chars=50, stage_selection="all"),
-                           cot_sampling=COT, tool_sampling=TOOL, lineage={"input_version": 3},
-                           owned=lambda d, shard=shard: shards[d.doc_id] == shard) for shard in (0, 1)]
-    keys = [p.request.key for part in parts for p in part.requests]
-    assert len(keys) == len(set(keys)) and set(keys) == {p.request.key for p in whole.requests}
-    assert [part.documents for part in parts] == [1, 2]
-    assert parts[0].skipped == Counter() and parts[1].skipped == whole.skipped == Counter({SKIP_DUPLICATE_EXCERPT: 8})
-
-
 def test_repeated_excerpts_parse_and_write_once(tmp_path: Path) -> None:
     """The crash the duplicate keys caused: rows that repeat a merge key (``lake_io._check_keys``)."""
     result = plan(list(twin_documents()), tool_fraction=0.0, min_excerpt_chars=50, stages=["cot_college"])

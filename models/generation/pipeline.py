@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -83,7 +83,6 @@ def plan_requests(
     documents: Iterable[SourceDocument], *, model: str, templates: dict[str, PromptTemplate],
     prompts: PromptSettings, cot_sampling: SamplingSettings, tool_sampling: SamplingSettings,
     samples_per_prompt: int = 1, lineage: dict[str, Any] | None = None,
-    owned: Callable[[SourceDocument], bool] | None = None,
 ) -> Plan:
     """One request per (document, chosen template, sample index); see module docstring.
 
@@ -94,21 +93,17 @@ def plan_requests(
 
     Request keys are unique in the plan: a (document, template) whose rendered prompt an earlier
     document already produced is counted as ``duplicate_excerpt`` in ``plan.skipped`` instead.
-    ``owned`` (sharded runs): documents it rejects belong to another shard — they are planned
-    only to claim their keys (so a later duplicate here is skipped, not paid for twice across
-    shards) and appear neither in the requests nor in the counts.
     """
     plan = Plan()
     base = dict(lineage or {})
     planned_keys: set[str] = set()
 
     def skip(reason: str, pairs: int = 1) -> None:
-        if mine and pairs:
+        if pairs:
             plan.skipped[reason] += pairs
 
     for doc in documents:
-        mine = owned is None or owned(doc)
-        plan.documents += 1 if mine else 0
+        plan.documents += 1
         chosen = choose_template_ids(doc.doc_id, doc.source, prompts)
         if not doc.text or not doc.text.strip():
             skip(SKIP_EMPTY_TEXT, len(chosen))
@@ -144,8 +139,7 @@ def plan_requests(
                 skip(SKIP_DUPLICATE_EXCERPT)
                 continue
             planned_keys.update(p.request.key for p in pair)
-            if mine:
-                plan.requests.extend(pair)
+            plan.requests.extend(pair)
     return plan
 
 
