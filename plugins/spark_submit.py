@@ -167,10 +167,23 @@ class LakeSparkSubmitOperator(SparkSubmitOperator):
         self._require_connection()
         master = self._get_hook()._connection["master"]
         self.env_vars = {**(self.env_vars or {}), "SPARK_MASTER": master}
+        self._executor_conf(master)
         self._hook = self._get_hook()  # built after env_vars is final: the hook copies it
         super().execute(context)
         self._annotate_outlets(context)
         return self._read_summary()
+
+    def _executor_conf(self, master: str) -> None:
+        """Executors' Python and code for the connection's master, decided here on the worker that
+        runs spark-submit: the DAG was parsed elsewhere, possibly for another master, and a shipped
+        zip must exist on this machine (``session.executor_python_conf``)."""
+        from spark_jobs.session import EXECUTOR_CODE_KEYS, executor_python_conf
+
+        settings = self._job_settings()
+        settings = settings.model_copy(update={"spark": settings.spark.model_copy(update={"master": master})})
+        conf = {k: v for k, v in (self.conf or {}).items() if k not in EXECUTOR_CODE_KEYS}
+        # Explicit spark.conf entries still win, as in spark_conf().
+        self.conf = {**conf, **executor_python_conf(settings), **settings.spark.conf}
 
     def _require_connection(self) -> None:
         from airflow.sdk import BaseHook

@@ -33,6 +33,8 @@ SUBMIT_OWNED = frozenset({"spark.master", "spark.jars", "spark.driver.memory", "
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_PACKAGES = ("jzlake", "spark_jobs")
 LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
+# What executor_python_conf decides (and nothing else sets).
+EXECUTOR_CODE_KEYS = frozenset({"spark.pyspark.python", "spark.executorEnv.PYTHONPATH", "spark.submit.pyFiles"})
 
 
 def delta_jars(settings: Settings) -> list[str]:
@@ -89,10 +91,15 @@ def executor_python_conf(settings: Settings) -> dict[str, str]:
         conf["spark.pyspark.python"] = python
     ship = settings.spark.ship_code if settings.spark.ship_code is not None else not local
     if ship:
-        conf["spark.submit.pyFiles"] = str(code_archive(settings.path("var/dist")))
+        conf["spark.submit.pyFiles"] = str(shipped_code(settings))
     elif local:
         conf["spark.executorEnv.PYTHONPATH"] = str(PROJECT_ROOT)
     return conf
+
+
+def shipped_code(settings: Settings) -> Path:
+    """The executors' code zip for ``settings`` (under ``var/dist``), built if missing."""
+    return code_archive(settings.path("var/dist"))
 
 
 def code_archive(folder: str | Path) -> Path:

@@ -117,3 +117,17 @@ def test_missing_connection_fails_with_the_fix(settings, monkeypatch: pytest.Mon
     op = lake_spark_task("report", "report", settings)
     with pytest.raises(RuntimeError, match="AIRFLOW_CONN_SPARK_DEFAULT"):
         op._require_connection()
+
+
+def test_executor_code_follows_the_connection_master_and_is_built_on_the_worker(tmp_path: Path) -> None:
+    """The DAG was parsed with a local master (and maybe on another machine); the connection says
+    cluster: executors get their own Python and a zip that exists where spark-submit runs."""
+    op = lake_spark_task("dedupe", "dedupe", make_settings(tmp_path))
+    assert op.conf["spark.pyspark.python"] == sys.executable and "spark.submit.pyFiles" not in op.conf
+    op._executor_conf("spark://spark-master.lake.svc:7077")
+    shipped = Path(op.conf["spark.submit.pyFiles"])
+    assert shipped.is_file() and shipped.name.startswith("jzlake-code-")
+    assert "spark.pyspark.python" not in op.conf and "spark.executorEnv.PYTHONPATH" not in op.conf
+    op._executor_conf("local[2]")
+    assert op.conf["spark.pyspark.python"] == sys.executable and "spark.submit.pyFiles" not in op.conf
+    assert op.conf["spark.sql.extensions"] == "io.delta.sql.DeltaSparkSessionExtension"  # the rest kept
