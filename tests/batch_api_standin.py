@@ -13,6 +13,12 @@ to the output file (``{"custom_id", "response": {"status_code", "body"}}``), fai
 error file. Status goes ``validating → in_progress → finalizing → completed`` (``start_delay_s``
 keeps a batch in ``validating`` for a while, so a client can "crash" mid-poll).
 ``fail_custom_ids`` makes chosen lines fail with a 500 line in the error file.
+Whole-batch endings, as OpenAI reports them: ``fail_batches=N`` — the first N batches fail
+validation (status ``failed``, ``errors`` filled, no output or error file, nothing executed);
+``expire_batches=N`` with ``expire_after=K`` — the first N batches run K lines, then end
+``expired`` with every other line in the error file as ``batch_expired``. A cancel during
+``validating`` ends the batch ``cancelled`` before any line runs; during ``in_progress`` the
+lines still running finish and the batch ends ``cancelled`` with what they produced.
 
 Counters (``files_uploaded``, ``batches_created``, ``executed`` per custom_id) let tests prove
 that a resumed client neither uploaded nor created anything twice.
@@ -37,12 +43,16 @@ class BatchApiStandIn:
     """In-process stand-in server; ``url`` is the base URL to give the OpenAI SDK."""
 
     def __init__(self, upstream_root: str, port: int, *, start_delay_s: float = 0.0, concurrency: int = 4,
-                 fail_custom_ids: set[str] | None = None) -> None:
+                 fail_custom_ids: set[str] | None = None, fail_batches: int = 0, expire_batches: int = 0,
+                 expire_after: int = 0) -> None:
         self.upstream_root = upstream_root.rstrip("/")
         self.port = port
         self.start_delay_s = start_delay_s
         self.concurrency = concurrency
         self.fail_custom_ids = set(fail_custom_ids or ())
+        self.fail_batches = fail_batches
+        self.expire_batches = expire_batches
+        self.expire_after = expire_after
         self.files: dict[str, dict[str, Any]] = {}
         self.file_data: dict[str, bytes] = {}
         self.batches: dict[str, dict[str, Any]] = {}
@@ -100,6 +110,15 @@ class BatchApiStandIn:
             return
         lines = [json.loads(line) for line in self.file_data[batch["input_file_id"]].decode().splitlines()
                  if line.strip()]
+        with self._lock:
+            fails, self.fail_batches = self.fail_batches > 0, max(0, self.fail_batches - 1)
+            expires, self.expire_batches = self.expire_batches > 0, max(0, self.expire_batches - 1)
+        if fails:  # validation failed: nothing runs, no files (OpenAI does not bill it)
+            self.log.append(f"{batch_id} failed validation (injected)")
+            batch.update(status="failed", failed_at=int(time.time()), errors={"object": "list", "data": [
+                {"code": "invalid_request", "message": "injected: the batch failed validation (stand-in)",
+                 "param": None, "line": None}]})
+            return
         batch.update(status="in_progress", in_progress_at=int(time.time()))
         batch["request_counts"]["total"] = len(lines)
         outputs: list[str] = []
@@ -109,6 +128,14 @@ class BatchApiStandIn:
         async def one(number: int, line: dict[str, Any]) -> None:
             custom_id = line["custom_id"]
             async with slots:
+                if expires and number >= self.expire_after:
+                    self.log.append(f"{batch_id} line {number} expired")
+                    record = {"id": f"batch_req_{batch_id}_{number}", "custom_id": custom_id, "response": None,
+                              "error": {"code": "batch_expired", "message": "This request could not be executed "
+                                        "before the completion window expired."}}
+                    errors.append(json.dumps(record))
+                    batch["request_counts"]["failed"] += 1
+                    return
                 if custom_id in self.fail_custom_ids:
                     status, body = 500, {"error": {"message": "injected failure for this line (stand-in)"}}
                 else:
@@ -128,14 +155,20 @@ class BatchApiStandIn:
             batch["request_counts"]["completed" if status == 200 else "failed"] += 1
 
         await asyncio.gather(*(one(n, line) for n, line in enumerate(lines)))
-        batch.update(status="finalizing", finalizing_at=int(time.time()))
+        if batch["status"] != "cancelling":
+            batch.update(status="finalizing", finalizing_at=int(time.time()))
         if outputs:
             batch["output_file_id"] = self._store_file(("\n".join(outputs) + "\n").encode(),
                                                        f"{batch_id}_output.jsonl", "batch_output")["id"]
         if errors:
             batch["error_file_id"] = self._store_file(("\n".join(errors) + "\n").encode(),
                                                       f"{batch_id}_error.jsonl", "batch_output")["id"]
-        batch.update(status="completed", completed_at=int(time.time()))
+        if expires:
+            batch.update(status="expired", expired_at=int(time.time()))
+        elif batch["status"] == "cancelling":
+            batch.update(status="cancelled", cancelled_at=int(time.time()))
+        else:
+            batch.update(status="completed", completed_at=int(time.time()))
 
     # ---- HTTP ----------------------------------------------------------------------------------
 

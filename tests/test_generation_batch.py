@@ -263,3 +263,78 @@ def test_no_wait_needs_the_batch_backend(tmp_path: Path) -> None:
     _corpus(settings)
     with pytest.raises(ValueError, match="openai-batch"):
         distil(settings, batch_mode="no-wait", environ={})
+
+
+# ---- whole-batch endings: expired, failed; an unfinished batch and the online backend ----------
+
+def test_expired_batch_lines_are_not_the_keys_fault_and_are_resubmitted(tmp_path: Path, llm_server) -> None:  # noqa: F811
+    requests = sample_requests(4, max_tokens=4, offset=60)
+    with BatchApiStandIn(llm_server.root_url, free_port(*PROXY_PORTS), concurrency=1, expire_batches=1,
+                         expire_after=2) as standin:
+        settings = _setup(tmp_path, standin, llm_server.served_model, max_attempts_per_key=1)
+        first = _run(settings, requests, standin)
+        assert first.batches_created == 1 and first.succeeded == 2 and first.failed == 2
+        assert standin.batches[first.batches[0]]["status"] == "expired"
+        rows = _rows(settings)
+        expired = {k for k, r in rows.items() if r["status"] == "failed"}
+        assert len(expired) == 2 and all("batch_expired" in rows[k]["error"] for k in expired)
+        # Not the keys' fault: even with max_attempts_per_key = 1 they are not abandoned.
+        assert all(rows[k]["failures"] == 0 for k in expired)
+
+        second = _run(settings, requests, standin)
+        assert second.batches_created == 1 and second.sent == 2 and second.succeeded == 2
+        assert second.skipped_done == 2
+        rows = _rows(settings)
+        assert {r["status"] for r in rows.values()} == {"succeeded"}
+        assert all(rows[k]["calls"] == 2 for k in expired)  # one call per batch that held the key
+        assert set(standin.executed.values()) == {1}  # nothing ran twice on the server
+
+
+def test_a_batch_that_fails_as_a_whole_is_resubmitted(tmp_path: Path, llm_server) -> None:  # noqa: F811
+    requests = sample_requests(3, max_tokens=4, offset=70)
+    with BatchApiStandIn(llm_server.root_url, free_port(*PROXY_PORTS), fail_batches=1) as standin:
+        settings = _setup(tmp_path, standin, llm_server.served_model, max_attempts_per_key=1)
+        first = _run(settings, requests, standin)
+        assert first.batches_created == 1 and first.failed == 3 and first.succeeded == 0
+        assert standin.batches[first.batches[0]]["status"] == "failed" and not standin.executed
+        rows = _rows(settings)
+        assert {r["status"] for r in rows.values()} == {"failed"}
+        assert all("the batch failed validation" in r["error"] and r["failures"] == 0 for r in rows.values())
+
+        second = _run(settings, requests, standin)
+        assert second.batches_created == 1 and second.succeeded == 3
+        assert standin.batches_created == 2 and set(standin.executed.values()) == {1}
+        assert {r["status"] for r in _rows(settings).values()} == {"succeeded"}
+
+
+def test_keys_in_an_unfinished_batch_go_online_only_after_the_batch_is_cancelled(
+        tmp_path: Path, llm_server) -> None:  # noqa: F811
+    from models.generation.engine import run_generation
+    from tests.fault_proxy import FaultProxy
+
+    requests = sample_requests(3, max_tokens=4, offset=80)
+    with BatchApiStandIn(llm_server.root_url, free_port(*PROXY_PORTS), start_delay_s=8.0) as standin, \
+            FaultProxy(llm_server.root_url, free_port(*PROXY_PORTS)) as proxy:
+        batch_settings = _setup(tmp_path, standin, llm_server.served_model)
+        submitted = _run(batch_settings, requests, standin, wait=False)
+        assert submitted.batches_created == 1
+        online = make_settings(tmp_path, generation={
+            "backend": "openai", "base_url": proxy.url, "served_models": {"tiny-llama": llm_server.served_model},
+            "api_key_env": None})
+
+        def go_online(**kwargs):
+            ledger = Ledger.open(online, "gold.kd_requests")
+            return run_generation(requests, make_backend(online), ledger, budget_for(online, ledger), **kwargs)
+
+        held = go_online()
+        assert held.skipped_in_batch == 3 and held.sent == 0 and sum(proxy.arrived.values()) == 0
+        assert any("--cancel-batch" in w for w in held.warnings)
+        assert {r["status"] for r in _rows(online).values()} == {"submitted"}
+
+        switched = go_online(cancel_batches=make_backend(batch_settings))
+        assert switched.batches_cancelled == 1 and switched.sent == 3 and switched.succeeded == 3
+        assert standin.batches[submitted.batches[0]]["status"] == "cancelled" and not standin.executed
+        assert {r.key: proxy.forwarded[r.key] for r in requests} == {r.key: 1 for r in requests}
+        rows = _rows(online)
+        assert {r["status"] for r in rows.values()} == {"succeeded"}
+        assert all(r["calls"] == 2 and r["failures"] == 0 for r in rows.values())  # batch call + online call

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import gc
 import random
 import threading
 import time
@@ -312,7 +313,13 @@ def test_calls_in_flight_at_a_crash_count_as_spent_on_reopen(tmp_path: Path) -> 
     budget = budget_for(settings, crashed)
     reservations = [budget.reserve(r) for r in requests[:2]]
     crashed.mark_sending([(r, res.tokens, res.usd) for r, res in zip(requests[:2], reservations, strict=True)])
+    # While the claimant lives, its keys are not claimable by another run.
+    alive = Ledger.open(settings, "gold.kd_requests")
+    assert not any(alive.claimable(alive.state()[r.key]) for r in requests[:2])
+    assert alive.claimable(alive.state()[requests[2].key])
     # ... and the process dies here: no answer recorded, no close()
+    del crashed
+    gc.collect()
     reopened = Ledger.open(settings, "gold.kd_requests")
     spent = reopened.spent(TEACHER)
     assert spent.calls == 2 and spent.tokens == sum(res.tokens for res in reservations)
@@ -525,3 +532,13 @@ def test_transformers_backend_generates_in_process(tiny_model_dir: Path, tmp_pat
     assert all(0 < rows[r.key]["prompt_tokens"] <= prompt_token_bound(r) for r in requests)
     again = {r.key: r.text for r in backend.generate(requests)}  # same seeds, same batches: same text
     assert again == {k: rows[k]["response"] for k in again}
+
+
+def test_sandbox_settings_reach_the_limits_including_the_weak_mode_opt_in() -> None:
+    from jzlake.settings import SandboxSettings
+    from models.generation.pipeline import sandbox_limits
+
+    strict = sandbox_limits(SandboxSettings())
+    weak = sandbox_limits(SandboxSettings(allow_weak_isolation=True, memory_mb=64))
+    assert strict.allow_weak_isolation is False
+    assert weak.allow_weak_isolation is True and weak.memory_bytes == 64 << 20

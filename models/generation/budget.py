@@ -2,9 +2,10 @@
 
 A request is sent only after ``Budget.reserve`` has set aside its worst case: one call, an upper
 bound of its prompt tokens plus ``max_tokens``, and that many tokens at the model's list price.
-Every retry of a request is one more call, reserved the same way (``reserve_retry``) before the
-backend sends it, so the call cap bounds the HTTP requests the provider sees, not just the keys.
-When the answer arrives ``settle`` swaps the reservation for what was really used. Because the
+Every retry of a request is one more call at the same worst case (``reserve_retry``), reserved
+before the backend sends it, so the caps bound the HTTP requests the provider sees, not just the
+keys. When the answer arrives ``settle`` swaps the reservation for what was really used — plus the
+worst case of every attempt that timed out (the provider may have billed it; we cannot know). Because the
 worst case is held while a request is in flight, any number of concurrent requests can never
 push the spend past a cap. The first refused reservation stops the run (``exhausted`` then holds
 a message such as ``budget exhausted: 5/5 calls used ...``); the ledger stays consistent because
@@ -72,6 +73,8 @@ class Reservation:
     calls: int
     tokens: int
     usd: float
+    call_tokens: int = 0  # the worst case of one call (what each retry adds)
+    call_usd: float = 0.0
 
 
 class BudgetConfigError(ValueError):
@@ -227,18 +230,46 @@ class Budget:
                 self.exhausted = refusal
                 return None
             self._reserved.setdefault(request.model, Spend()).add(Spend(calls, tokens, usd))
-            return Reservation(request.key, request.model, calls, tokens, usd)
+            return Reservation(request.key, request.model, calls, tokens, usd, tokens, usd)
 
     def reserve_retry(self, reservation: Reservation) -> bool:
-        """One more call (a retry) for a request in flight; ``False`` (and ``exhausted``) when refused."""
+        """One more call (a retry) at the worst case of one call; ``False`` (and ``exhausted``) when refused."""
         with self._lock:
-            refusal = self._refusal(reservation.model, 1, 0, 0.0)
+            refusal = self._refusal(reservation.model, 1, reservation.call_tokens, reservation.call_usd)
             if refusal is not None:
                 self.exhausted = self.exhausted or refusal
                 return False
             reservation.calls += 1
-            self._reserved.setdefault(reservation.model, Spend()).calls += 1
+            reservation.tokens += reservation.call_tokens
+            reservation.usd += reservation.call_usd
+            self._reserved.setdefault(reservation.model, Spend()).add(
+                Spend(1, reservation.call_tokens, reservation.call_usd))
             return True
+
+    def undo_retry(self, reservation: Reservation) -> None:
+        """Take back a granted ``reserve_retry`` (its durable note could not be committed)."""
+        with self._lock:
+            reservation.calls -= 1
+            reservation.tokens -= reservation.call_tokens
+            reservation.usd -= reservation.call_usd
+            self._reserved.setdefault(reservation.model, Spend()).add(
+                Spend(-1, -reservation.call_tokens, -reservation.call_usd))
+
+    def sync_spent(self, model: str, durable: Spend) -> None:
+        """Set ``model``'s account from the ledger's durable rows (which include this run's reservations).
+
+        Several processes on one ledger share no memory: before each write-through claim the engine
+        re-reads what every run has spent, so the caps hold across processes.
+        """
+        with self._lock:
+            reserved = self._reserved.get(model, Spend())
+            self.spent_by_model[model] = Spend(durable.calls - reserved.calls, durable.tokens - reserved.tokens,
+                                               durable.usd - reserved.usd)
+
+    def over_cap(self, model: str) -> str | None:
+        """A message when ``model``'s spend plus reservations is already past a cap, else ``None``."""
+        with self._lock:
+            return self._refusal(model, 0, 0, 0.0)
 
     def _refusal(self, model: str, calls: int, tokens: int, usd: float) -> str | None:
         spent = self.spent_by_model.get(model, Spend())
@@ -257,19 +288,26 @@ class Budget:
         return None
 
     def settle(self, reservation: Reservation, prompt_tokens: int, completion_tokens: int,
-               calls: int | None = None) -> float:
-        """Replace the reservation by actual use; returns the request's cost in USD.
+               calls: int | None = None, possibly_billed: int = 0) -> float:
+        """Replace the reservation by actual use; returns the request's cost in USD (see ``settle_spend``)."""
+        return self.settle_spend(reservation, prompt_tokens, completion_tokens, calls, possibly_billed).usd
 
-        ``calls``: the HTTP attempts really made (default: the calls reserved).
+    def settle_spend(self, reservation: Reservation, prompt_tokens: int, completion_tokens: int,
+                     calls: int | None = None, possibly_billed: int = 0) -> Spend:
+        """Replace the reservation by actual use; returns what the request is charged.
+
+        ``calls``: the HTTP attempts really made (default: the calls reserved). ``possibly_billed``:
+        attempts that timed out — the provider may have done (and billed) the work, so each is
+        charged at the worst case of one call on top of the answer's real tokens.
         """
-        usd = self.cost(reservation.model, prompt_tokens, completion_tokens)
+        tokens = prompt_tokens + completion_tokens + possibly_billed * reservation.call_tokens
+        usd = self.cost(reservation.model, prompt_tokens, completion_tokens) + possibly_billed * reservation.call_usd
         used_calls = reservation.calls if calls is None else calls
         with self._lock:
             self._reserved.setdefault(reservation.model, Spend()).add(
                 Spend(-reservation.calls, -reservation.tokens, -reservation.usd))
-            self.spent_by_model.setdefault(reservation.model, Spend()).add(
-                Spend(used_calls, prompt_tokens + completion_tokens, usd))
-        return usd
+            self.spent_by_model.setdefault(reservation.model, Spend()).add(Spend(used_calls, tokens, usd))
+        return Spend(used_calls, tokens, usd)
 
     def release(self, reservation: Reservation) -> None:
         """Give back a reservation whose request was never sent."""

@@ -2,9 +2,12 @@
 
 ``run_generation(requests, backend, ledger, budget) -> GenerationReport``
 
-1. deduplicate the requests by key and read the ledger: keys that already succeeded (or were
-   abandoned after ``generation.max_attempts_per_key`` failed sends) are skipped — the server
-   never sees them again — everything else gets a ``pending`` row;
+1. commit answers an earlier run spilled (its commit failed), deduplicate the requests by key and
+   read the ledger: keys that already succeeded (or were abandoned after
+   ``generation.max_attempts_per_key`` failed sends) are skipped — the server never sees them
+   again — and so are keys held by a submitted, unfinished Batch API batch (unless
+   ``cancel_batches`` cancels those batches first and collects what they finished); everything
+   else gets a ``pending`` row;
 2. hand the backend a lazy iterator whose every ``next()`` first reserves the request's worst
    case in the (per-model) budget — the first refusal ends the iterator, so nothing over a cap
    is sent — and notes the send in the ledger; each retry the backend wants reserves one more
@@ -14,11 +17,13 @@
 4. report: sent, succeeded, failed, abandoned, skipped as done, not sent because of the budget,
    tokens, cost.
 
-Write-through ledgers (paid models by default, see ``models/generation/ledger.py``) make step 2
-durable before the send (one commit for all requests dispatched together) and step 3 durable
-before the backend may send again: the iterator blocks while ``concurrency`` requests are sent
-and not yet committed, so a SIGKILL can lose at most the calls in flight — which the ledger still
-counts as spent on reopen, and which are the only keys a rerun may send a second time.
+Write-through ledgers (paid models, and always for a remote endpoint or an API key in use; see
+``models/generation/ledger.py``) make step 2 a durable *claim* before the send (one conditional
+commit for all requests dispatched together; a key another live run holds is skipped, and the
+caps are checked against every run's durable spend) and step 3 durable before the backend may
+send again: the iterator blocks while ``concurrency`` requests are sent and not yet committed, so
+a SIGKILL can lose at most the calls in flight — which the ledger still counts as spent on reopen,
+and which are the only keys a rerun may send a second time.
 
 ``run_batch_generation`` is the same contract for the Batch API, where the send is a batch:
 the batch id is written to the ledger before any polling, and a rerun resumes stored batches
@@ -43,7 +48,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from models.generation.budget import Budget, Reservation, shard_allowances
-from models.generation.ledger import ABANDONED, DONE, FAILED, SUBMITTED, SUBMITTING, SUCCEEDED, Ledger
+from models.generation.ledger import (
+    ABANDONED,
+    DONE,
+    FAILED,
+    IN_BATCH,
+    SUBMITTED,
+    SUBMITTING,
+    SUCCEEDED,
+    Ledger,
+)
 from models.generation.types import Backend, GenerationRequest, GenerationResponse
 
 if TYPE_CHECKING:
@@ -68,6 +82,9 @@ class GenerationReport:
     duplicates_in_input: int = 0
     skipped_done: int = 0
     skipped_abandoned: int = 0  # keys abandoned by earlier runs (not sent again)
+    skipped_claimed: int = 0  # keys another live run held (or finished) when this run came to them
+    skipped_in_batch: int = 0  # keys in a submitted, unfinished Batch API batch (not sent online)
+    batches_cancelled: int = 0
     sent: int = 0
     succeeded: int = 0
     failed: int = 0
@@ -79,6 +96,7 @@ class GenerationReport:
     cost_usd: float = 0.0
     attempts: int = 0
     retried: int = 0  # responses that needed more than one HTTP attempt
+    possibly_billed: int = 0  # attempts that timed out (charged at their worst case)
     budget_exhausted: bool = False
     message: str | None = None
     batches: list[str] = field(default_factory=list)
@@ -90,6 +108,9 @@ class GenerationReport:
     ledger_flushes: int = 0
     ledger_commits: int = 0  # write-through commits (markers + answers)
     ledger_seconds: float = 0.0
+    ledger_spilled: int = 0  # answers whose commit failed, kept in the spill file
+    ledger_spills_recovered: int = 0  # spilled answers of earlier runs committed at this start
+    warnings: list[str] = field(default_factory=list)
 
     def add(self, response: GenerationResponse, cost: float, status: str | None = None) -> None:
         if response.ok:
@@ -169,11 +190,12 @@ def budget_for(settings: Settings, ledger: Ledger, backend_name: str = "openai",
 
 def _start(requests: Iterable[GenerationRequest], backend: Backend, ledger: Ledger,
            budget: Budget) -> tuple[GenerationReport, list[GenerationRequest]]:
-    """Common first steps: dedupe, skip done keys, check prices, write pending rows."""
+    """Common first steps: commit spills, dedupe, skip done keys, check prices, write pending rows."""
     unique, duplicates = dedupe(requests)
     report = GenerationReport(run_id=ledger.run_id, backend=getattr(backend, "name", type(backend).__name__),
                               ledger=ledger.table.full_name, requested=len(unique) + duplicates,
                               unique=len(unique), duplicates_in_input=duplicates)
+    report.ledger_spills_recovered = ledger.recover_spills()
     state = ledger.state()
     todo = [r for r in unique if r.key not in state or state[r.key].status not in DONE]
     report.skipped_abandoned = sum(1 for r in unique if r.key in state and state[r.key].status == ABANDONED)
@@ -183,6 +205,63 @@ def _start(requests: Iterable[GenerationRequest], backend: Backend, ledger: Ledg
     return report, todo
 
 
+def is_remote(base_url: str | None) -> bool:
+    """Whether ``base_url`` points off this machine (anything but localhost / loopback addresses)."""
+    import ipaddress
+    from urllib.parse import urlparse
+
+    if not base_url:
+        return False
+    host = (urlparse(base_url).hostname or "").lower()
+    if host in ("localhost", "") or host.endswith(".localhost"):
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True  # a name: assume remote
+
+
+def _hold_batches(report: GenerationReport, ledger: Ledger, budget: Budget, todo: list[GenerationRequest],
+                  cancel_batches: OpenAIBatchBackend | None) -> list[GenerationRequest]:
+    """Online runs never send a key a submitted, unfinished batch holds (it would be paid twice).
+
+    With ``cancel_batches`` (a Batch API client), those batches are cancelled first and what they
+    finished is collected; their other keys are then sent online. Returns the keys to send.
+    """
+    state = ledger.state()
+    held = [r for r in todo if state[r.key].status in IN_BATCH]
+    if not held:
+        return todo
+    by_batch: dict[str | None, list[GenerationRequest]] = {}
+    for request in held:
+        entry = state[request.key]
+        batch_id = entry.batch_id
+        if batch_id is None and cancel_batches is not None and entry.batch_input_file_id:
+            batch_id = cancel_batches.find_batch_for_file(entry.batch_input_file_id)
+        by_batch.setdefault(batch_id, []).append(request)
+    if cancel_batches is None:
+        report.skipped_in_batch = len(held)
+        message = (f"{len(held)} keys are in submitted Batch API batches {sorted(b or '?' for b in by_batch)}, not "
+                   "sent online: collect them (jzlake distil --collect), or cancel the batches first "
+                   "(--cancel-batch / run_generation(cancel_batches=...))")
+        log.warning(message)
+        report.warnings.append(message)
+        return [r for r in todo if state[r.key].status not in IN_BATCH]
+    mode = ledger.write_through_mode  # collecting records buffered; the online run decides its own mode
+    for batch_id, group in by_batch.items():
+        if batch_id is None:
+            continue  # uploaded, never created: no batch can answer these
+        cancel_batches.cancel(batch_id)
+        report.batches_cancelled += 1
+        batch = cancel_batches.wait(batch_id, min(cancel_batches.poll_interval_s, 5.0),
+                                    timeout_s=cancel_batches.timeout_s)
+        collect_batch(cancel_batches, ledger, budget, batch, group)  # lines it finished are paid: keep them
+    ledger.flush()
+    ledger.write_through_mode = mode
+    state = ledger.state(refresh=True)
+    return [r for r in todo if state[r.key].status not in DONE]
+
+
 def _finish(report: GenerationReport, ledger: Ledger, budget: Budget, started: float) -> GenerationReport:
     report.elapsed_s = time.perf_counter() - started
     report.write_through = ledger.write_through
@@ -190,6 +269,7 @@ def _finish(report: GenerationReport, ledger: Ledger, budget: Budget, started: f
     report.ledger_commits = int(ledger.stats["commits"])
     report.ledger_seconds = float(ledger.stats["flush_seconds"] + ledger.stats["record_seconds"]
                                   + ledger.stats["commit_seconds"])
+    report.ledger_spilled = int(ledger.stats["spilled"])
     if budget.exhausted:
         report.budget_exhausted = True
         report.message = (f"{budget.exhausted}; {report.not_sent_budget} requests not sent (still pending "
@@ -212,6 +292,7 @@ class _Dispatcher:
         self.ledger, self.budget, self.report = ledger, budget, report
         self.window, self.group = window, max(1, group)
         self.reservations: dict[str, Reservation] = {}
+        self.timed_out: dict[str, int] = {}  # key -> attempts that timed out (possibly billed)
         self.ready: deque[GenerationRequest] = deque()  # reserved + marked, not yet handed out
         self.outstanding = 0
         self.closed = False
@@ -238,35 +319,35 @@ class _Dispatcher:
             yield request
 
     def _dispatch(self, count: int) -> bool:
-        """Reserve up to ``count`` requests and mark them sent (one commit). False when none is left."""
-        items = []
-        for request in self.todo:
-            reservation = self.budget.reserve(request)
-            if reservation is None:
+        """Reserve and claim up to ``count`` requests (one commit). False when none is left to send."""
+        while True:
+            candidates = [request for _, request in zip(range(count), self.todo, strict=False)]
+            if not candidates:
+                return False
+            claimed, skipped = self.ledger.claim(candidates, self.budget)
+            self.report.skipped_claimed += len(skipped)
+            if claimed:
                 break
+            if self.budget.exhausted:
+                return False
+            # every candidate was held by another run (or finished meanwhile): on to the next ones
+        for request, reservation in claimed:
             self.reservations[request.key] = reservation
-            items.append((request, reservation.tokens, reservation.usd))
-            if len(items) >= count:
-                break
-        if not items:
-            return False
-        try:
-            self.ledger.mark_sending(items)
-        except BaseException:
-            for request, _, _ in items:
-                self.budget.release(self.reservations.pop(request.key))
-            raise
         with self.cond:
-            self.ready.extend(request for request, _, _ in items)
+            self.ready.extend(request for request, _ in claimed)
         return True
 
     def before_retry(self, request: GenerationRequest, attempt: int) -> bool:
-        """The backend asks before re-sending: one more call reserved (and durably noted)."""
+        """The backend asks before re-sending: one more call reserved at its worst case (and durably noted)."""
         reservation = self.reservations.get(request.key)
-        if reservation is None or self.closed or not self.budget.reserve_retry(reservation):
+        if reservation is None or self.closed:
             return False
-        self.ledger.mark_retry(request)
-        return True
+        return self.ledger.claim_retry(request, reservation, self.budget)
+
+    def possibly_billed(self, request: GenerationRequest) -> None:
+        """The backend reports an attempt that timed out: the provider may have done (and billed) it."""
+        with self.cond:
+            self.timed_out[request.key] = self.timed_out.get(request.key, 0) + 1
 
     def answered(self) -> None:
         with self.cond:
@@ -287,20 +368,46 @@ class _Dispatcher:
         return unsent
 
 
+def _accepts(function: Callable[..., Any], name: str) -> bool:
+    """Whether ``function`` takes the keyword ``name`` (backends written before a hook existed do not)."""
+    import inspect
+
+    parameters = inspect.signature(function).parameters
+    return name in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+
+
 def run_generation(requests: Iterable[GenerationRequest], backend: Backend, ledger: Ledger, budget: Budget,
-                   *, progress_every: int = 100) -> GenerationReport:
-    """Generate every request not yet succeeded in ``ledger``, within ``budget``; see module doc."""
+                   *, progress_every: int = 100, cancel_batches: OpenAIBatchBackend | None = None
+                   ) -> GenerationReport:
+    """Generate every request not yet succeeded in ``ledger``, within ``budget``; see module doc.
+
+    ``cancel_batches``: a Batch API client; keys held by submitted, unfinished batches are then
+    sent online after those batches are cancelled (and what they finished is collected).
+    Without it such keys are skipped (``report.skipped_in_batch``).
+    """
     if getattr(backend, "name", "") == "openai-batch":
         return run_batch_generation(requests, backend, ledger, budget)  # type: ignore[arg-type]
     started = time.perf_counter()
     report, todo = _start(requests, backend, ledger, budget)
+    todo = _hold_batches(report, ledger, budget, todo, cancel_batches)
     by_key = {r.key: r for r in todo}
-    write_through = ledger.resolve_write_through(any(budget.is_paid(m) for m in {r.model for r in todo}))
+    models = {r.model for r in todo}
+    remote = is_remote(getattr(backend, "base_url", None)) or bool(getattr(backend, "api_key_in_use", False))
+    if remote:
+        for model in sorted(m for m in models if budget.price(m) is None):
+            message = (f"model {model} at {getattr(backend, 'base_url', '?')} has no price in generation.prices: "
+                       f"its USD spend is recorded as 0 and no USD cap can hold it; set "
+                       f"generation.prices.{model} (input_per_1m, output_per_1m)")
+            log.warning(message)
+            report.warnings.append(message)
+    write_through = ledger.resolve_write_through(any(budget.is_paid(m) for m in models), remote=remote)
     concurrent = getattr(backend, "pulls_concurrently", False)
     window = int(getattr(backend, "concurrency", 1)) if write_through and concurrent else None
     group = window or int(getattr(backend, "batch_size", 1) or 1)
     dispatcher = _Dispatcher(todo, ledger, budget, report, window, group)
     hooks: dict[str, Any] = {"before_retry": dispatcher.before_retry} if concurrent else {}
+    if concurrent and _accepts(backend.generate, "possibly_billed"):
+        hooks["possibly_billed"] = dispatcher.possibly_billed
 
     ledger.start_autoflush()
     stream = backend.generate(dispatcher.stream(), **hooks)
@@ -312,9 +419,13 @@ def run_generation(requests: Iterable[GenerationRequest], backend: Backend, ledg
                             report.backend, response.key)
                 continue
             ok = response.ok
-            cost = budget.settle(reservation, response.prompt_tokens if ok else 0,
-                                 response.completion_tokens if ok else 0, calls=response.attempts)
-            status = ledger.record(request, response, cost, calls=response.attempts)
+            timed_out = dispatcher.timed_out.pop(response.key, 0)
+            charged = budget.settle_spend(reservation, response.prompt_tokens if ok else 0,
+                                          response.completion_tokens if ok else 0, calls=response.attempts,
+                                          possibly_billed=timed_out)
+            cost = charged.usd
+            report.possibly_billed += timed_out
+            status = ledger.record(request, response, cost, calls=response.attempts, charged_tokens=charged.tokens)
             dispatcher.answered()  # write-through: committed, so the slot may send again
             report.add(response, cost, status)
             if progress_every and (report.succeeded + report.failed) % progress_every == 0:
@@ -336,7 +447,7 @@ def run_generation(requests: Iterable[GenerationRequest], backend: Backend, ledg
             ledger.cancel_sending(unsent)
         finally:
             ledger.close()
-    report.not_sent_budget = len(todo) - report.sent
+    report.not_sent_budget = len(todo) - report.sent - report.skipped_claimed
     return _finish(report, ledger, budget, started)
 
 
@@ -493,6 +604,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-attempts-per-key", type=int, help="failed sends before a key is abandoned")
     parser.add_argument("--poll-interval-s", type=float, help="Batch API poll interval")
     parser.add_argument("--no-wait", action="store_true", help="Batch API: submit and return")
+    parser.add_argument("--cancel-batch", action="store_true",
+                        help="online: cancel submitted, unfinished batches holding these keys first (their "
+                             "finished lines are collected), then send the rest online")
     parser.add_argument("--run-id", help="run id stamped on ledger rows (default: a new one)")
     return parser
 
@@ -536,7 +650,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if backend.name == "openai-batch":
         report = run_batch_generation(requests, backend, ledger, budget, wait=not args.no_wait)  # type: ignore[arg-type]
     else:
-        report = run_generation(requests, backend, ledger, budget)
+        batches = make_backend(settings, "openai-batch") if args.cancel_batch else None
+        report = run_generation(requests, backend, ledger, budget, cancel_batches=batches)  # type: ignore[arg-type]
     print(json.dumps(report.as_dict(), sort_keys=True))
     return 0 if report.failed == 0 and report.abandoned == 0 else 3
 

@@ -3,58 +3,81 @@
 Keyed by ``GenerationRequest.key`` (a hash of model, template id + hash, rendered prompt, sampling
 and sample index). Status moves ``pending → [sending →] succeeded | failed | abandoned`` for online
 backends and ``pending → submitting → submitted → succeeded | failed`` for the Batch API. A run
-reads the ledger first and never sends a key that succeeded or was abandoned.
+reads the ledger first and never sends a key that succeeded or was abandoned, nor (online) a key
+held by a submitted, unfinished batch (``run_generation(cancel_batches=...)`` cancels those first).
 
 Two durability modes (``generation.ledger_write_through``; ``auto`` = on for models with a
-non-zero price, i.e. paid teachers):
+non-zero price, and always for a remote endpoint or an API key in use — see the engine):
 
-* **write-through** — before a request is sent, a durable ``sending`` row records the call
-  (``calls``/``attempts`` + 1 and the reserved worst-case tokens/USD in ``spent_tokens``/
-  ``spent_usd``); requests dispatched together share one commit. Every retry adds one call the
-  same way before it goes out. Every answer is committed before the engine lets its worker slot
-  send again. A SIGKILL therefore loses nothing that was paid for: each answered key is recorded
-  (never re-sent) and each call in flight is still counted on reopen (``sending`` rows are spent;
-  those keys are sent again, at most ``concurrency`` of them). Cost: two small commits per
-  request — UPDATEs (about twice as fast as a MERGE) that rewrite one of the 16 ``key_bucket``
-  partitions, so they stay cheap as the ledger grows (``make bench-synthesis`` reports them).
-* **buffered** (free local models, mass synthesis) — no ``sending`` rows; answers are MERGEd every
+* **write-through** — a key is *claimed* before it is sent: one conditional UPDATE per group of
+  requests dispatched together sets ``sending``, ``calls``/``attempts`` + 1, the reserved worst
+  case added to ``spent_tokens``/``spent_usd``, the claimant (``claim_run_id``, ``claim_id``) and a
+  lease (``lease_expires_at``, ``generation.ledger_lease_s``). The UPDATE runs on the snapshot the
+  claim decision was read from and matches each key only in the status and counts read there;
+  delta-rs refuses the commit when another writer changed those rows' files meanwhile (a commit
+  conflict), and the claim is re-decided on a fresh read. So two processes never both claim a key:
+  only claimed keys are sent. Spend is summed from the durable rows at every claim (every run's
+  reservations included) and checked again whenever another writer committed between the read and
+  the claim, so the caps hold across processes (see ``claim``). A ``sending`` key of a claimant that
+  is dead (its process is gone on this host, or its lease expired) is claimable again; its lost
+  call stays counted. Every retry is one more claimed call at the worst case, committed before it
+  goes out; every answer is committed before the engine lets its worker slot send again. A SIGKILL
+  therefore loses nothing that was paid for: each answered key is recorded (never re-sent) and each
+  call in flight is still counted on reopen; those keys — at most ``concurrency`` — are the only
+  ones a rerun may send a second time. Cost: two small commits per request — UPDATEs that rewrite
+  one of the 16 ``key_bucket`` partitions (``make bench-synthesis`` reports them).
+* **buffered** (free local models, mass synthesis) — no claims; answers are MERGEd every
   ``flush_every`` rows or ``flush_seconds`` seconds (a background timer flushes while no answer
   arrives). A killed process loses at most the unflushed buffer: those keys are still pending or
-  failed and are simply sent again; no key recorded as succeeded is ever sent again.
+  failed and are simply sent again; no key recorded as succeeded is ever sent again. One writer
+  per key set (shards send disjoint keys).
 
-Either way the MERGE never overwrites a succeeded row, so two writers cannot turn a success back
-into a failure, and a key has exactly one row.
+Either way a succeeded row is never overwritten, so two writers cannot turn a success back into a
+failure, and a key has exactly one row. A commit that conflicts is retried with exponential
+backoff and jitter up to ``generation.ledger_commit_deadline_s``; an answer that still cannot be
+committed is *spilled* to a local file (``<runs_dir>/ledger_spill/<table>/``) and committed by the
+next run's start instead of being bought again. Text that UTF-8 cannot hold (a lone surrogate in a
+reply) is stored with U+FFFD in its place and the row flagged (``flags``).
 
 A key whose sends failed ``max_failures`` times (``generation.max_attempts_per_key``; a 4xx such
 as "context too long" fails every time) becomes ``abandoned`` and is never sent again, so its shard
-can complete. A send cut short by the run itself (stopped, budget exhausted before a retry) does
-not count. Raising the setting makes abandoned keys with fewer failures eligible again.
+can complete. A send cut short by the run itself (stopped, budget exhausted before a retry, a batch
+that expired) does not count. Raising the setting makes abandoned keys with fewer failures
+eligible again.
 
 Spend: ``calls`` counts every HTTP attempt (retries included), ``spent_tokens``/``spent_usd`` are
-cumulative over all calls of the key. ``spent_by_model`` sums them per model (caps are per model);
-``spend_by_shard`` splits one model's spend by shard (see ``models/generation/budget.py``).
+cumulative over all calls of the key (an attempt that timed out at its worst case: it may have
+been billed). ``spent_by_model`` sums them per model (caps are per model); ``spend_by_shard``
+splits one model's spend by shard (see ``models/generation/budget.py``).
 
 Written with the ``deltalake`` package (no JVM), location and schema from the catalogue
 (``gold.kd_requests`` for teacher KD, ``gold.synthetic_requests`` for mass synthesis) through
 ``models.lake_io.table_uri``. The ledger is the one table that deliberately does not follow
 lake_io's "stage per shard, commit once" rule: its durability *during* a run is the point (a
-staged file would be lost with a killed shard, and its keys paid twice). Shards send disjoint
-keys, each MERGE touches only its own keys, and a commit conflict between shards is retried.
+staged file would be lost with a killed shard, and its keys paid twice).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import random
+import re
+import socket
 import threading
 import time
+import uuid
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from jzlake import catalogue
 from jzlake.lineage import new_run_id, utc_now
-from models.generation.budget import Spend
+from models.generation.budget import Budget, Reservation, Spend
 from models.generation.types import LINEAGE_COLUMNS, GenerationRequest, GenerationResponse
 
 if TYPE_CHECKING:
@@ -68,13 +91,24 @@ PENDING, SENDING, SUBMITTING, SUBMITTED = "pending", "sending", "submitting", "s
 SUCCEEDED, FAILED, ABANDONED = "succeeded", "failed", "abandoned"
 STATUSES = (PENDING, SENDING, SUBMITTING, SUBMITTED, SUCCEEDED, FAILED, ABANDONED)
 DONE = (SUCCEEDED, ABANDONED)  # never sent again
-COMMIT_RETRIES = 6
+IN_BATCH = (SUBMITTING, SUBMITTED)  # held by a Batch API batch: not sent online
 KEY_BUCKET_CHARS = 1  # partitions by the key's first hex digit: 16 partitions
+COMMIT_BACKOFF_S = (0.02, 2.0)  # first and largest step of the commit retries' backoff
 # A failed response whose error carries this was cut short by the run (stopped, budget), not by
 # the key: it does not count towards ``max_failures``. Backends append it to such errors.
 INTERRUPTED = "(interrupted: "
+SANITISED_SURROGATES = "sanitised_surrogates"
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _STATE_COLUMNS = ["key", "status", "model", "attempts", "calls", "failures", "batch_id", "batch_input_file_id",
-                  "prompt_tokens", "completion_tokens", "cost_usd", "spent_tokens", "spent_usd"]
+                  "prompt_tokens", "completion_tokens", "cost_usd", "spent_tokens", "spent_usd", "claim_id",
+                  "lease_expires_at"]
+_HOST = socket.gethostname()
+# Ledgers of this process that may hold claims (a claim of this pid whose ledger is gone is dead).
+_LIVE_CLAIMANTS: weakref.WeakValueDictionary[str, Ledger] = weakref.WeakValueDictionary()
+
+
+class LedgerCommitError(RuntimeError):
+    """A ledger commit kept conflicting past ``generation.ledger_commit_deadline_s``."""
 
 
 @dataclass
@@ -91,6 +125,8 @@ class LedgerEntry:
     spent_tokens: int = 0
     spent_usd: float = 0.0
     model: str = ""
+    claim_id: str | None = None
+    lease_expires_at: datetime | None = None
 
     def spend(self) -> Spend:
         return Spend(self.calls, self.spent_tokens, self.spent_usd)
@@ -106,6 +142,41 @@ def key_bucket(key: str) -> str:
     return key[:KEY_BUCKET_CHARS]
 
 
+def sanitise_text(value: str) -> tuple[str, bool]:
+    """``value`` with every lone surrogate (which UTF-8 cannot encode) replaced by U+FFFD; and whether any was."""
+    cleaned, count = _SURROGATE.subn("\ufffd", value)
+    return cleaned, count > 0
+
+
+def claimant_id(run_id: str) -> str:
+    """``<run id>@<host>#<pid>#<random>``: unique per ledger object, says where its process runs."""
+    return f"{run_id}@{_HOST}#{os.getpid()}#{uuid.uuid4().hex[:8]}"
+
+
+def claimant_alive(claim_id: str | None) -> bool:
+    """Whether the claimant may still be running: ``False`` only when provably dead.
+
+    On this host: a claim of another pid is dead when that process is gone; a claim of this pid is
+    dead when its ledger object was closed or dropped. Another host: unknown (the lease decides).
+    """
+    if not claim_id or "@" not in claim_id:
+        return False  # a ``sending`` row written before claims existed: nobody holds it
+    host, _, rest = claim_id.rpartition("@")[2].partition("#")
+    pid_text = rest.partition("#")[0]
+    if host != _HOST or not pid_text.isdigit():
+        return True
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return claim_id in _LIVE_CLAIMANTS
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
 def _sql_literal(value: Any) -> str:
     """A SQL literal for an UPDATE (strings: single quotes doubled; DataFusion has no backslash escapes)."""
     if value is None:
@@ -118,6 +189,8 @@ def _sql_literal(value: Any) -> str:
         if value != value or value in (float("inf"), float("-inf")):
             raise ValueError(f"cannot write {value!r} to the ledger")
         return repr(value)
+    if isinstance(value, datetime):
+        return f"CAST('{value.astimezone(UTC).strftime('%Y-%m-%dT%H:%M:%S.%f')}Z' AS TIMESTAMP)"
     return "'" + str(value).replace("'", "''") + "'"
 
 
@@ -130,40 +203,68 @@ def _row_spend(data: dict[str, list[Any]], i: int) -> tuple[int, float]:
     return tokens, usd if usd is not None else (data["cost_usd"][i] or 0.0)
 
 
+def _backoff(attempt: int, rng: random.Random) -> float:
+    """Exponential backoff with equal jitter (attempt starts at 1)."""
+    step = min(COMMIT_BACKOFF_S[1], COMMIT_BACKOFF_S[0] * 2 ** (attempt - 1))
+    return step / 2 + rng.uniform(0, step / 2)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return {"__datetime__": value.isoformat()}
+    return str(value)
+
+
+def _json_restore(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: datetime.fromisoformat(v["__datetime__"]) if isinstance(v, dict) and "__datetime__" in v else v
+            for k, v in row.items()}
+
+
 class Ledger:
     """Durable request ledger over one catalogue table (buffered or write-through)."""
 
     def __init__(self, uri: str, table: catalogue.Table | None = None, *, run_id: str | None = None,
                  backend: str = "", flush_every: int = 32, flush_seconds: float = 5.0,
                  write_through: bool | str = False, max_failures: int | None = 3,
-                 storage_options: dict[str, str] | None = None) -> None:
+                 storage_options: dict[str, str] | None = None, lease_s: float = 900.0,
+                 commit_deadline_s: float = 60.0, spill_dir: str | Path | None = None) -> None:
         if write_through not in (True, False, "auto"):
             raise ValueError(f"write_through must be true, false or 'auto', got {write_through!r} "
                              "(setting generation.ledger_write_through)")
         self.uri = uri
         self.table = table or catalogue.table("gold.kd_requests")
         self.run_id = run_id or new_run_id("generate")
+        self.claim_id = claimant_id(self.run_id)
         self.backend = backend
         self.flush_every = max(1, flush_every)
         self.flush_seconds = flush_seconds
         self.write_through_mode = write_through
         self.max_failures = max_failures
         self.storage_options = storage_options
+        self.lease_s = lease_s
+        self.commit_deadline_s = commit_deadline_s
+        if spill_dir is None and "://" not in uri:
+            spill_dir = Path(uri).parent / "_ledger_spill" / Path(uri).name
+        self.spill_dir = Path(spill_dir) if spill_dir is not None else None
         self._entries: dict[str, LedgerEntry] | None = None
         self._before_send: dict[str, LedgerEntry] = {}  # key -> entry as it was before this send
         self._buffer: dict[str, dict[str, Any]] = {}
         self._buffer_lock = threading.Lock()
-        self._write_lock = threading.Lock()
+        self._write_lock = threading.RLock()  # every use of the writer (claims, commits, flushes)
         self._state_lock = threading.RLock()
+        self._rng = random.Random()
         self._last_flush = time.monotonic()
         self._timer: threading.Thread | None = None
         self._stop_timer = threading.Event()
         self._flush_error: BaseException | None = None
         self._schema_checked = False
         self._writer: Any = None  # DeltaTable kept for writes (refreshed incrementally)
+        self._known_version: int | None = None  # the version the in-memory state is exact at
         self._bucketed = False  # the table is partitioned by key_bucket (ledgers created before: not)
+        _LIVE_CLAIMANTS[self.claim_id] = self
         self.stats = {"flushes": 0, "rows_written": 0, "flush_seconds": 0.0, "record_seconds": 0.0,
-                      "commits": 0, "commit_seconds": 0.0, "marker_commits": 0, "merge_fallbacks": 0}
+                      "commits": 0, "commit_seconds": 0.0, "marker_commits": 0, "commit_conflicts": 0,
+                      "claim_rereads": 0, "spilled": 0, "spills_recovered": 0, "claims_lost": 0}
 
     @classmethod
     def open(cls, settings: Settings, table_name: str = "gold.kd_requests", **kwargs: Any) -> Ledger:
@@ -175,6 +276,9 @@ class Ledger:
         kwargs.setdefault("flush_seconds", config.ledger_flush_seconds)
         kwargs.setdefault("write_through", config.ledger_write_through)
         kwargs.setdefault("max_failures", config.max_attempts_per_key)
+        kwargs.setdefault("lease_s", config.ledger_lease_s)
+        kwargs.setdefault("commit_deadline_s", config.ledger_commit_deadline_s)
+        kwargs.setdefault("spill_dir", Path(settings.runs_dir) / "ledger_spill" / table_name)
         return cls(table_uri(settings, table_name), catalogue.table(table_name), **kwargs)
 
     @property
@@ -182,9 +286,15 @@ class Ledger:
         """Whether this ledger commits before every send and every answer (``auto`` not resolved yet: no)."""
         return self.write_through_mode is True
 
-    def resolve_write_through(self, paid: bool) -> bool:
-        """Settle ``auto``: write-through when the run's models are paid. Returns the mode in force."""
-        if self.write_through_mode == "auto":
+    def resolve_write_through(self, paid: bool, remote: bool = False) -> bool:
+        """Settle the mode: a remote endpoint or an API key in use (``remote``) is always written
+        through; ``auto`` is otherwise on for paid models. Returns the mode in force."""
+        if remote and self.write_through_mode is not True:
+            log.info("ledger %s: write-through (a remote endpoint or an API key is in use; "
+                     "generation.ledger_write_through = %s does not apply)", self.table.full_name,
+                     self.write_through_mode)
+            self.write_through_mode = True
+        elif self.write_through_mode == "auto":
             self.write_through_mode = bool(paid)
             log.info("ledger %s: %s (generation.ledger_write_through = auto, %s model)", self.table.full_name,
                      "write-through" if paid else "buffered", "a paid" if paid else "no paid")
@@ -229,16 +339,20 @@ class Ledger:
         if added:
             log.info("ledger %s: added columns %s", self.table.full_name, added)
 
-    def read(self, columns: list[str] | None = None) -> pa.Table:
-        """The whole ledger (or some columns) as an Arrow table; empty when it does not exist."""
+    def read(self, columns: list[str] | None = None, delta: Any = None) -> pa.Table:
+        """The whole ledger (or some columns) as an Arrow table; empty when it does not exist.
+
+        ``delta``: read that (pinned) snapshot instead of the latest version.
+        """
         import pyarrow as pa
 
         schema = self.table.arrow_schema()
-        if not self.exists():
-            if columns:
-                schema = pa.schema([schema.field(c) for c in columns])
-            return schema.empty_table()
-        delta = self._delta()
+        if delta is None:
+            if not self.exists():
+                if columns:
+                    schema = pa.schema([schema.field(c) for c in columns])
+                return schema.empty_table()
+            delta = self._delta()
         present = {f.name for f in delta.schema().fields}
         wanted = columns or schema.names
         table = delta.to_pyarrow_table(columns=[c for c in wanted if c in present])
@@ -257,7 +371,7 @@ class Ledger:
     def spent_by_model(self) -> dict[str, Spend]:
         """Calls, tokens and USD recorded per model (what the per-model budgets start from).
 
-        ``sending`` rows (calls in flight when a run died) count at their reserved worst case.
+        ``sending`` rows (calls in flight, or lost when a run died) count at their reserved worst case.
         """
         totals: dict[str, Spend] = {}
         with self._state_lock:
@@ -288,14 +402,15 @@ class Ledger:
             shards[assign(data["doc_id"][i], key)].add(Spend(data["calls"][i] or 0, tokens, usd))
         return shards
 
-    def _load(self) -> dict[str, LedgerEntry]:
-        data = self.read(_STATE_COLUMNS).to_pydict()
+    def _load(self, delta: Any = None) -> dict[str, LedgerEntry]:
+        data = self.read(_STATE_COLUMNS, delta).to_pydict()
         entries: dict[str, LedgerEntry] = {}
         for i, key in enumerate(data["key"]):
             tokens, usd = _row_spend(data, i)
             entry = LedgerEntry(key, data["status"][i], data["attempts"][i] or 0, data["calls"][i] or 0,
                                 data["batch_id"][i], data["batch_input_file_id"][i], data["failures"][i] or 0,
-                                tokens, usd, data["model"][i] or "")
+                                tokens, usd, data["model"][i] or "", data["claim_id"][i],
+                                data["lease_expires_at"][i])
             if entry.status == ABANDONED and self.max_failures and entry.failures < self.max_failures:
                 entry.status = FAILED  # generation.max_attempts_per_key was raised: eligible again
             entries[key] = entry
@@ -305,6 +420,15 @@ class Ledger:
         """Rows per status (fresh read)."""
         statuses = self.read(["status"]).column("status").to_pylist()
         return {status: statuses.count(status) for status in sorted(set(statuses))}
+
+    def claimable(self, entry: LedgerEntry | None, now: datetime | None = None) -> bool:
+        """Whether a write-through run may claim (and send) this key now."""
+        if entry is None or entry.status in (PENDING, FAILED):
+            return True
+        if entry.status != SENDING or entry.claim_id == self.claim_id:
+            return False  # done, in a batch, or already ours
+        expired = entry.lease_expires_at is not None and entry.lease_expires_at <= (now or utc_now())
+        return expired or not claimant_alive(entry.claim_id)
 
     # ---- rows ------------------------------------------------------------------------------
 
@@ -331,9 +455,22 @@ class Ledger:
         if entry is not None:  # the counters, as the entry holds them now
             row.update(attempts=entry.attempts, calls=entry.calls, failures=entry.failures,
                        spent_tokens=entry.spent_tokens, spent_usd=entry.spent_usd, batch_id=entry.batch_id,
-                       batch_input_file_id=entry.batch_input_file_id)
+                       batch_input_file_id=entry.batch_input_file_id, claim_id=entry.claim_id,
+                       lease_expires_at=entry.lease_expires_at)
+            row["claim_run_id"] = entry.claim_id.partition("@")[0] if entry.claim_id else None
             row["created_at"] = None  # keep the original insert time (the MERGE does not update it)
         row.update(values)
+        # A reply (or prompt) with a lone surrogate cannot be written as UTF-8: store it sanitised, flagged.
+        sanitised = []
+        for name, value in row.items():
+            if isinstance(value, str):
+                row[name], changed = sanitise_text(value)
+                if changed:
+                    sanitised.append(name)
+        if sanitised:
+            row["flags"] = f"{SANITISED_SURROGATES}:{','.join(sanitised)}"
+            log.warning("key %s: lone surrogates in %s replaced by U+FFFD (row flagged %r)", request.key[:12],
+                        sanitised, row["flags"])
         return row
 
     def _entry(self, request: GenerationRequest) -> LedgerEntry:
@@ -355,18 +492,165 @@ class Ledger:
                 self._merge(list(rows.values()), insert_only=True)
             with self._state_lock:
                 for key, row in rows.items():
-                    state[key] = LedgerEntry(key, PENDING, model=row["model"])
+                    state.setdefault(key, LedgerEntry(key, PENDING, model=row["model"]))
         return len(rows)
 
-    def mark_sending(self, items: Sequence[tuple[GenerationRequest, int, float]]) -> None:
-        """Note that ``(request, reserved_tokens, reserved_usd)`` items are about to be sent.
+    def _refresh(self) -> int:
+        """Bring the writer to the latest version; re-read the state when another writer committed."""
+        self.ensure_table()
+        if self._writer is None:
+            self._writer = self._delta()
+        else:
+            self._writer.update_incremental()
+        version = self._writer.version()
+        if version != self._known_version:
+            entries = self._load(self._writer)
+            with self._state_lock:
+                self._entries = entries
+            self._known_version = version
+            self.stats["claim_rereads"] += 1
+        return version
 
-        Write-through: one durable commit of ``sending`` rows (one more call and attempt each, the
-        reserved worst case added to the key's spend) *before* any of them goes out. Buffered:
-        memory only (the answer's row carries the counts).
+    def _sync_budget(self, budget: Budget, models: Iterable[str]) -> None:
+        if budget.scope:  # a shard's account counts its own partition only (one writer per shard)
+            return
+        totals = self.spent_by_model()
+        for model in set(models):
+            budget.sync_spent(model, totals.get(model, Spend()))
+
+    def claim(self, requests: Sequence[GenerationRequest], budget: Budget
+              ) -> tuple[list[tuple[GenerationRequest, Reservation]], list[GenerationRequest]]:
+        """Reserve the worst case of ``requests`` in ``budget`` and claim them for this run.
+
+        Returns the claimed requests with their reservations (in order, up to the first the budget
+        refuses) and the requests skipped because another live run holds them, they were finished
+        meanwhile or a batch holds them. Buffered: the claim is memory only.
+
+        Write-through, every attempt: (1) read the latest version (spend from durable rows,
+        every run's reservations included, synced into ``budget``); (2) reserve; (3) one
+        conditional UPDATE on that same snapshot — a conflicting concurrent commit makes delta-rs
+        refuse it, and we go back to (1) after a backoff; (4) if other commits landed between (1)
+        and ours, re-read and, when a cap is now exceeded, give the claim back and go to (1).
+        Each claim is so checked against every claim committed before it: the caps hold across
+        processes.
         """
+        from deltalake.exceptions import CommitFailedError
+
+        if not self.write_through:
+            accepted = []
+            for request in requests:
+                reservation = budget.reserve(request)
+                if reservation is None:
+                    break
+                accepted.append((request, reservation))
+            self.mark_sending([(r, res.tokens, res.usd) for r, res in accepted])
+            return accepted, []
+        deadline = time.monotonic() + self.commit_deadline_s
+        models = {r.model for r in requests}
+        attempt = 0
+        while True:
+            attempt += 1
+            with self._write_lock:
+                version = self._refresh()
+                self._sync_budget(budget, models)
+                now = utc_now()
+                state = self.state()
+                skipped = [r for r in requests if not self.claimable(state.get(r.key), now)]
+                accepted = []
+                for request in requests:
+                    if not self.claimable(state.get(request.key), now):
+                        continue
+                    reservation = budget.reserve(request)
+                    if reservation is None:
+                        break
+                    accepted.append((request, reservation))
+                if not accepted:
+                    return [], skipped
+                try:
+                    self._commit_claims(accepted, version)
+                except CommitFailedError as exc:
+                    for _, reservation in accepted:
+                        budget.release(reservation)
+                    self._writer, self._known_version = None, None
+                    self.stats["commit_conflicts"] += 1
+                    if time.monotonic() > deadline:
+                        raise LedgerCommitError(
+                            f"could not claim {len(accepted)} keys in {self.table.full_name} within "
+                            f"{self.commit_deadline_s}s of commit conflicts (generation.ledger_commit_deadline_s); "
+                            f"nothing was sent: {exc}") from exc
+                else:
+                    if self._writer.version() == version + 1:
+                        self._known_version = version + 1  # ours was the only commit: the state is exact
+                        return accepted, skipped
+                    self._refresh()  # others committed in between: is a cap now exceeded?
+                    self._sync_budget(budget, models)
+                    over = next((m for m in (budget.over_cap(m) for m in models) if m), None)
+                    if over is None:
+                        return accepted, skipped
+                    log.info("claim given back (%s); retrying", over)
+                    self.cancel_sending([r for r, _ in accepted])
+                    for _, reservation in accepted:
+                        budget.release(reservation)
+                    if time.monotonic() > deadline:  # other runs keep taking the rest of the cap
+                        budget.exhausted = budget.exhausted or over
+                        return [], skipped
+            time.sleep(_backoff(attempt, self._rng))
+
+    def _commit_claims(self, accepted: Sequence[tuple[GenerationRequest, Reservation]], version: int) -> None:
+        """The conditional UPDATE of a claim, on the snapshot ``version`` the decision was read from."""
         now = utc_now()
-        rows = []
+        lease = now + timedelta(seconds=self.lease_s)
+        rows, conditions = [], {}
+        with self._state_lock:
+            for request, reservation in accepted:
+                entry = self._entry(request)
+                conditions[request.key] = self._as_read(entry)
+                self._before_send[request.key] = replace(entry)
+                claimed = replace(entry, status=SENDING, calls=entry.calls + 1, attempts=entry.attempts + 1,
+                                  spent_tokens=entry.spent_tokens + reservation.tokens,
+                                  spent_usd=entry.spent_usd + reservation.usd, claim_id=self.claim_id,
+                                  lease_expires_at=lease)
+                rows.append(self._row(request, SENDING, now, claimed, error=(
+                    f"in flight since {now:%Y-%m-%d %H:%M:%S} UTC (run {self.run_id}); counted at its "
+                    "reserved worst case until the answer is recorded")))
+        started = time.perf_counter()
+        try:
+            updated = self._update(rows, conditions, writer=self._writer)
+        except BaseException:
+            with self._state_lock:
+                for request, _ in accepted:
+                    self._before_send.pop(request.key, None)
+            raise
+        if updated != len(rows):  # same snapshot, same predicate: only a bug gets here
+            raise RuntimeError(f"ledger {self.table.full_name}: a claim of {len(rows)} keys updated {updated} rows "
+                               f"at version {version}; the ledger state was read from another snapshot")
+        with self._state_lock:
+            for request, _ in accepted:
+                state_entry = self._entry(request)
+                before = self._before_send[request.key]
+                reservation = next(res for r, res in accepted if r.key == request.key)
+                state_entry.status, state_entry.claim_id, state_entry.lease_expires_at = SENDING, self.claim_id, lease
+                state_entry.calls, state_entry.attempts = before.calls + 1, before.attempts + 1
+                state_entry.spent_tokens = before.spent_tokens + reservation.tokens
+                state_entry.spent_usd = before.spent_usd + reservation.usd
+        self._count_commit(started, len(rows), marker=True)
+
+    @staticmethod
+    def _as_read(entry: LedgerEntry) -> str:
+        """The row as a claim read it: the claim matches only if nobody changed it since."""
+        claim = f"`claim_id` = {_sql_literal(entry.claim_id)}" if entry.claim_id else "`claim_id` IS NULL"
+        return (f"`status` = {_sql_literal(entry.status)} AND coalesce(`calls`, 0) = {entry.calls} "
+                f"AND coalesce(`attempts`, 0) = {entry.attempts} AND {claim}")
+
+    def mark_sending(self, items: Sequence[tuple[GenerationRequest, int, float]]) -> None:
+        """Buffered: note in memory that ``(request, reserved_tokens, reserved_usd)`` items are sent
+        (the answer's row carries the counts). Write-through runs claim instead (``claim``)."""
+        if self.write_through:  # a claim without a budget (tests of a crash right after it)
+            with self._write_lock:
+                self._commit_claims([(r, Reservation(r.key, r.model, 1, t, u, t, u)) for r, t, u in items],
+                                    self._refresh())
+                self._known_version = None
+            return
         with self._state_lock:
             for request, tokens, usd in items:
                 entry = self._entry(request)
@@ -376,25 +660,87 @@ class Ledger:
                 entry.attempts += 1
                 entry.spent_tokens += tokens
                 entry.spent_usd += usd
-                if self.write_through:
-                    rows.append(self._row(request, SENDING, now, entry, error=(
-                        f"in flight since {now:%Y-%m-%d %H:%M:%S} UTC (run {self.run_id}); counted at its "
-                        "reserved worst case until the answer is recorded")))
-        if rows:
-            self._write_now(rows, marker=True)
 
-    def mark_retry(self, request: GenerationRequest) -> None:
-        """One more HTTP attempt of a request in flight (write-through: durable before it is sent)."""
+    def claim_retry(self, request: GenerationRequest, reservation: Reservation, budget: Budget) -> bool:
+        """Reserve and note one more attempt of a request in flight; ``False`` when a cap refuses.
+
+        Write-through: the same protocol as ``claim`` — spend re-read from the durable rows, the
+        retry committed (before it is sent) on that snapshot, and re-checked when other writers
+        committed in between (then the retry is not sent; its answer's record sets the real counts).
+        """
+        from deltalake.exceptions import CommitFailedError
+
+        if not self.write_through:
+            if not budget.reserve_retry(reservation):
+                return False
+            self.mark_retry(request, reservation.call_tokens, reservation.call_usd)
+            return True
+        deadline = time.monotonic() + self.commit_deadline_s
+        attempt = 0
+        while True:
+            attempt += 1
+            with self._write_lock:
+                version = self._refresh()
+                self._sync_budget(budget, [request.model])
+                if not budget.reserve_retry(reservation):
+                    return False
+                row = self._retry_row(request, reservation)
+                try:
+                    started = time.perf_counter()
+                    updated = self._update([row], {request.key: f"`claim_id` = {_sql_literal(self.claim_id)}"},
+                                           writer=self._writer)
+                    self._count_commit(started, 1, marker=True)
+                except CommitFailedError:
+                    budget.undo_retry(reservation)
+                    self._undo_retry_row(request, reservation)
+                    self._writer, self._known_version = None, None
+                    self.stats["commit_conflicts"] += 1
+                    if time.monotonic() > deadline:
+                        return False  # not sent: the answer so far is recorded as interrupted
+                else:
+                    if updated != 1:  # our claim is gone (lease expired, another run took the key)
+                        self.stats["claims_lost"] += 1
+                        return False
+                    if self._writer.version() == version + 1:
+                        self._known_version = version + 1
+                        return True
+                    self._refresh()
+                    self._sync_budget(budget, [request.model])
+                    return budget.over_cap(request.model) is None
+            time.sleep(_backoff(attempt, self._rng))
+
+    def _retry_row(self, request: GenerationRequest, reservation: Reservation) -> dict[str, Any]:
         with self._state_lock:
             entry = self._entry(request)
             entry.calls += 1
             entry.attempts += 1
+            entry.spent_tokens += reservation.call_tokens
+            entry.spent_usd += reservation.call_usd
+            entry.lease_expires_at = utc_now() + timedelta(seconds=self.lease_s)
+            return self._row(request, SENDING, utc_now(), entry)
+
+    def _undo_retry_row(self, request: GenerationRequest, reservation: Reservation) -> None:
+        with self._state_lock:
+            entry = self._entry(request)
+            entry.calls -= 1
+            entry.attempts -= 1
+            entry.spent_tokens -= reservation.call_tokens
+            entry.spent_usd -= reservation.call_usd
+
+    def mark_retry(self, request: GenerationRequest, tokens: int = 0, usd: float = 0.0) -> None:
+        """Buffered: one more HTTP attempt of a request in flight, at its worst case (memory only)."""
+        with self._state_lock:
+            entry = self._entry(request)
+            entry.calls += 1
+            entry.attempts += 1
+            entry.spent_tokens += tokens
+            entry.spent_usd += usd
             row = self._row(request, SENDING, utc_now(), entry) if self.write_through else None
         if row is not None:
-            self._write_now([row], marker=True)
+            self._write_now([row], marker=True, held=True)
 
     def cancel_sending(self, requests: Iterable[GenerationRequest]) -> None:
-        """Undo ``mark_sending`` for requests that were never handed to the backend."""
+        """Undo a claim (or ``mark_sending``) for requests that were never handed to the backend."""
         now = utc_now()
         rows = []
         with self._state_lock:
@@ -406,14 +752,16 @@ class Ledger:
                 if self.write_through:
                     rows.append(self._row(request, before.status, now, before))
         if rows:
-            self._write_now(rows, marker=True)
+            self._write_now(rows, marker=True, held=True)
 
     def record(self, request: GenerationRequest, response: GenerationResponse, cost_usd: float,
-               calls: int = 1) -> str:
+               calls: int = 1, charged_tokens: int | None = None) -> str:
         """The outcome of one send (``calls`` = calls it counted against the cap). Returns the new status.
 
-        Write-through: committed before returning. Buffered: flushed by size, by the timer or by
-        ``flush()``.
+        ``cost_usd``/``charged_tokens``: what the send is charged (default tokens: the answer's;
+        the engine adds the worst case of timed-out attempts). Write-through: committed before
+        returning (spilled to disk when the commit cannot be made). Buffered: flushed by size, by
+        the timer or by ``flush()``.
         """
         started = time.perf_counter()
         with self._state_lock:
@@ -422,10 +770,13 @@ class Ledger:
             entry = replace(before)
             entry.attempts = before.attempts + response.attempts
             entry.calls = before.calls + calls
-            tokens = response.prompt_tokens + response.completion_tokens if response.ok else 0
-            entry.spent_tokens = before.spent_tokens + tokens
+            if charged_tokens is None:
+                charged_tokens = response.prompt_tokens + response.completion_tokens if response.ok else 0
+            entry.spent_tokens = before.spent_tokens + charged_tokens
             entry.spent_usd = before.spent_usd + cost_usd
             entry.failures = before.failures + int(counts_as_failure(response))
+            if self.write_through and current.claim_id == self.claim_id:
+                entry.claim_id, entry.lease_expires_at = self.claim_id, None  # done: the lease ends
             if response.ok:
                 entry.status = SUCCEEDED
             elif self.max_failures and entry.failures >= self.max_failures:
@@ -448,7 +799,7 @@ class Ledger:
             self.state()[request.key] = entry
         self.stats["record_seconds"] += time.perf_counter() - started  # writes are timed by themselves
         if self.write_through:
-            self._write_now([row])
+            self._write_now([row], held=True, spill=True)
         else:
             with self._buffer_lock:
                 self._buffer[request.key] = row
@@ -478,18 +829,89 @@ class Ledger:
         if rows:
             self._write_now(rows)
 
-    def _write_now(self, rows: list[dict[str, Any]], marker: bool = False) -> None:
+    def _count_commit(self, started: float, rows: int, marker: bool = False) -> None:
+        self.stats["commits"] += 1
+        self.stats["marker_commits"] += int(marker)
+        self.stats["rows_written"] += rows
+        self.stats["commit_seconds"] += time.perf_counter() - started
+
+    def _write_now(self, rows: list[dict[str, Any]], marker: bool = False, held: bool = False,
+                   spill: bool = False) -> int:
+        """UPDATE the rows of keys the ledger holds (add_pending ran first); returns rows updated.
+
+        ``held``: only rows this ledger still claims (a claim lost to an expired lease is not
+        overwritten: the new claimant's reservation stays counted). ``spill``: a commit that cannot
+        be made within the deadline goes to the spill file instead of raising.
+        """
         started = time.perf_counter()
+        conditions = ({row["key"]: f"`claim_id` = {_sql_literal(self.claim_id)}" for row in rows}
+                      if held and self.write_through else None)
         with self._write_lock:  # never concurrently with a background flush
-            # Rows of keys the ledger already holds (add_pending ran first): an UPDATE is about twice
-            # as fast as a MERGE. Anything else (a missing row, a key already succeeded) takes the MERGE.
-            if self._update(rows) != len(rows):
-                self._merge(rows)
-                self.stats["merge_fallbacks"] += 1
-            self.stats["commits"] += 1
-            self.stats["marker_commits"] += int(marker)
-            self.stats["rows_written"] += len(rows)
-            self.stats["commit_seconds"] += time.perf_counter() - started
+            try:
+                updated = self._update(rows, conditions)
+            except Exception as exc:
+                if not spill or self.spill_dir is None:
+                    raise
+                self._spill(rows, exc)
+                return 0
+            if updated != len(rows):
+                self.stats["claims_lost"] += len(rows) - updated
+                log.warning("ledger %s: %d of %d rows not written — the key succeeded meanwhile or another "
+                            "run re-claimed it after this run's lease (generation.ledger_lease_s) expired",
+                            self.table.full_name, len(rows) - updated, len(rows))
+            self._count_commit(started, len(rows), marker)
+            return updated
+
+    # ---- spill: answers whose commit failed ------------------------------------------------
+
+    def _spill(self, rows: list[dict[str, Any]], error: BaseException) -> None:
+        """Keep paid answers that could not be committed in a local file (committed on the next start)."""
+        assert self.spill_dir is not None
+        self.spill_dir.mkdir(parents=True, exist_ok=True)
+        path = self.spill_dir / f"{self.claim_id.replace('/', '_').replace('#', '-')}.jsonl"
+        with path.open("a", encoding="utf-8") as out:
+            for row in rows:
+                out.write(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        self.stats["spilled"] += len(rows)
+        log.warning("ledger %s: commit failed (%s: %s); %d answers spilled to %s, committed by the next run's "
+                    "start", self.table.full_name, type(error).__name__, str(error)[:200], len(rows), path)
+
+    def recover_spills(self) -> int:
+        """Commit answers an earlier run spilled (claims that still hold; a success is final). Returns rows."""
+        if self.spill_dir is None or not self.spill_dir.is_dir():
+            return 0
+        recovered = 0
+        for path in sorted(self.spill_dir.glob("*.jsonl")):
+            owner = self._spill_owner(path)
+            if owner != self.claim_id and claimant_alive(owner):
+                continue  # a live run's spill: it still holds those keys
+            taken = path.with_suffix(f".committing-{os.getpid()}")
+            try:
+                path.rename(taken)  # one recoverer per file
+            except FileNotFoundError:
+                continue
+            rows = [_json_restore(json.loads(line)) for line in taken.read_text(encoding="utf-8").splitlines()
+                    if line.strip()]
+            latest = {row["key"]: row for row in rows}  # the last answer spilled per key
+            with self._write_lock:
+                self._merge(list(latest.values()), held_only=True)
+            taken.unlink()
+            recovered += len(latest)
+            log.info("ledger %s: committed %d spilled answers from %s", self.table.full_name, len(latest), path)
+        if recovered:
+            self.stats["spills_recovered"] += recovered
+            with self._state_lock:
+                self._entries = None
+            self._known_version = None
+        return recovered
+
+    def _spill_owner(self, path: Path) -> str | None:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                return json.loads(line).get("claim_id")
+        return None
 
     def flush(self) -> int:
         """Write the buffered rows now (one MERGE). Returns how many rows were written."""
@@ -512,7 +934,7 @@ class Ledger:
             self.stats["flush_seconds"] += time.perf_counter() - started
             return len(rows)
 
-    def _merge(self, rows: list[dict[str, Any]], insert_only: bool = False) -> None:
+    def _merge(self, rows: list[dict[str, Any]], insert_only: bool = False, held_only: bool = False) -> None:
         import pyarrow as pa
 
         self.ensure_table()
@@ -526,18 +948,26 @@ class Ledger:
 
         # The partition column in the join lets the MERGE rewrite only the touched partitions.
         predicate = "t.key_bucket = s.key_bucket AND t.key = s.key" if self._bucketed else "t.key = s.key"
+        # A success is final: no later write (a straggler, a second writer) may undo it.
+        matched = f"t.status <> '{SUCCEEDED}'"
+        if held_only:  # a spilled answer lands only where its claim still holds
+            matched += " AND coalesce(t.claim_id, '') = coalesce(s.claim_id, '')"
 
         def merge(delta: Any) -> None:
             merger = delta.merge(source, predicate=predicate, source_alias="s", target_alias="t")
             if not insert_only:
-                # A success is final: no later write (a straggler, a second writer) may undo it.
-                merger = merger.when_matched_update(updates, predicate=f"t.status <> '{SUCCEEDED}'")
+                merger = merger.when_matched_update(updates, predicate=matched)
             merger.when_not_matched_insert_all().execute()
 
         self._commit(merge)
 
-    def _update(self, rows: list[dict[str, Any]]) -> int:
-        """UPDATE the existing, not succeeded rows of ``rows`` in one commit; returns rows updated."""
+    def _update(self, rows: list[dict[str, Any]], conditions: dict[str, str] | None = None,
+                writer: Any = None) -> int:
+        """UPDATE the existing, not succeeded rows of ``rows`` in one commit; returns rows updated.
+
+        ``conditions``: key → an extra SQL condition the row must meet. ``writer``: run on that
+        snapshot as it is (a claim), not retried; default: the latest version, retried on conflicts.
+        """
         self.ensure_table()
         keys = [row["key"] for row in rows]
         assignments: dict[str, str] = {}
@@ -554,30 +984,48 @@ class Ledger:
                 cases = " ".join(f"WHEN {_sql_literal(k)} THEN {v}" for k, v in zip(keys, values, strict=True))
                 assignments[f"`{column}`"] = f"CASE `key` {cases} END"
         predicate = f"`key` IN ({', '.join(_sql_literal(k) for k in keys)}) AND `status` <> '{SUCCEEDED}'"
+        if conditions:
+            predicate += " AND (" + " OR ".join(f"(`key` = {_sql_literal(k)} AND {conditions[k]})" for k in keys) + ")"
         if self._bucketed:
             buckets = sorted({key_bucket(k) for k in keys})
             predicate = f"`key_bucket` IN ({', '.join(_sql_literal(b) for b in buckets)}) AND {predicate}"
-        metrics = self._commit(lambda delta: delta.update(assignments, predicate=predicate))
+        if writer is not None:
+            metrics = writer.update(assignments, predicate=predicate)
+        else:
+            metrics = self._commit(lambda delta: delta.update(assignments, predicate=predicate))
         return int((metrics or {}).get("num_updated_rows", 0))
 
     def _commit(self, operation: Callable[[Any], Any]) -> Any:
-        """Run a write on the cached table (refreshed incrementally); on a conflict reload and retry."""
+        """Run a write on the latest version; on a conflict reload and retry (backoff with jitter)
+        until ``commit_deadline_s`` has passed, then raise."""
         from deltalake.exceptions import CommitFailedError
 
         self.ensure_table()
-        for attempt in range(COMMIT_RETRIES):
+        deadline = time.monotonic() + self.commit_deadline_s
+        attempt = 0
+        while True:
+            attempt += 1
             try:
                 if self._writer is None:
                     self._writer = self._delta()
                 else:
                     self._writer.update_incremental()
-                return operation(self._writer)
+                before = self._writer.version()
+                result = operation(self._writer)
+                after = self._writer.version()
+                # The state stays exact only while every commit since it was read is ours.
+                if self._known_version is not None and (before != self._known_version or after > before + 1):
+                    self._known_version = None
+                elif self._known_version is not None:
+                    self._known_version = after
+                return result
             except CommitFailedError:  # another writer committed first: re-read and retry
                 self._writer = None
-                if attempt == COMMIT_RETRIES - 1:
+                self._known_version = None
+                self.stats["commit_conflicts"] += 1
+                if time.monotonic() > deadline:
                     raise
-                time.sleep(0.05 * 2**attempt)
-        return None
+                time.sleep(_backoff(attempt, self._rng))
 
     # ---- background flushing ---------------------------------------------------------------
 
@@ -599,17 +1047,21 @@ class Ledger:
         self._timer.start()
 
     def close(self, compact_above_files: int = 64) -> None:
-        """Stop the timer, flush what is left, compact small files when there are many."""
+        """Stop the timer, flush what is left, compact small files when there are many; claims end."""
         if self._timer is not None:
             self._stop_timer.set()
             self._timer.join(timeout=30)
             self._timer = None
         self.flush()
+        _LIVE_CLAIMANTS.pop(self.claim_id, None)  # a ``sending`` row of ours is now claimable
         if self._flush_error is not None:
             error, self._flush_error = self._flush_error, None
             log.warning("an earlier background flush failed (%s); the final flush succeeded", error)
         if self.exists() and compact_above_files and len(self._delta().file_uris()) > compact_above_files:
-            self._delta().optimize.compact()
+            try:
+                self._delta().optimize.compact()
+            except Exception as exc:  # a concurrent writer: compaction can wait for the next run
+                log.info("ledger compaction skipped (%s)", exc)
 
     def __enter__(self) -> Ledger:
         return self

@@ -149,7 +149,8 @@ def sandbox_limits(config: SandboxSettings) -> SandboxLimits:
     return SandboxLimits(cpu_seconds=config.cpu_seconds, wall_seconds=config.wall_seconds,
                          memory_bytes=config.memory_mb << 20, max_output_bytes=config.max_output_kb << 10,
                          network_isolation=config.network_isolation,
-                         filesystem_isolation=config.filesystem_isolation)
+                         filesystem_isolation=config.filesystem_isolation,
+                         allow_weak_isolation=config.allow_weak_isolation)
 
 
 def parse_planned(planned: PlannedRequest, text: str | None, finish_reason: str | None,

@@ -13,7 +13,9 @@ engine's budget gate and ledger need no async code). The SDK's own retries are o
 
 Every HTTP attempt is a billable call: before a retry, ``generate(..., before_retry=...)`` asks the
 engine, which reserves one more call in the budget (and, write-through, notes it in the ledger);
-a refusal ends that key's retries with an ``(interrupted: ...)`` error. Requests are pulled from
+a refusal ends that key's retries with an ``(interrupted: ...)`` error. An attempt that timed out
+is reported through ``possibly_billed(request)``: the server may have done the work, so the
+engine charges it at its worst case. Requests are pulled from
 the engine's stream and the hook is called in worker threads, never on the event loop, so a
 ledger commit there does not stall requests in flight.
 
@@ -47,6 +49,7 @@ KEY_HEADER = "X-JZLake-Request-Key"
 RETRYABLE_STATUS = frozenset({408, 409, 429})
 _END = object()
 RetryGate = Callable[[GenerationRequest, int], bool]
+BilledHook = Callable[[GenerationRequest], None]
 _SECRET_PATTERN = re.compile(r"\b(sk-[A-Za-z0-9_\-*]{4,}|Bearer\s+\S+)")
 
 
@@ -130,6 +133,11 @@ class OpenAIBackend:
         self.max_tokens_param = max_tokens_param
         self._rng = random.Random(seed)
 
+    @property
+    def api_key_in_use(self) -> bool:
+        """Requests carry an API key (a paid endpoint: the engine then always writes the ledger through)."""
+        return self._api_key is not None and bool(self._api_key.get_secret_value())
+
     def __repr__(self) -> str:
         key = "set (redacted)" if self._api_key is not None else "none"
         return f"OpenAIBackend(base_url={self.base_url!r}, api_key={key}, concurrency={self.concurrency})"
@@ -149,8 +157,8 @@ class OpenAIBackend:
     # ---- one request with retries ------------------------------------------------------------
 
     async def _one(self, client: Any, request: GenerationRequest, stop: threading.Event | None = None,
-                   before_retry: RetryGate | None = None, pool: ThreadPoolExecutor | None = None
-                   ) -> GenerationResponse:
+                   before_retry: RetryGate | None = None, pool: ThreadPoolExecutor | None = None,
+                   possibly_billed: BilledHook | None = None) -> GenerationResponse:
         import openai
 
         started = time.perf_counter()
@@ -177,6 +185,8 @@ class OpenAIBackend:
             except (openai.APITimeoutError, openai.APIConnectionError) as exc:
                 retryable, wait = True, None
                 error = f"{type(exc).__name__}: {exc}"
+                if isinstance(exc, openai.APITimeoutError) and possibly_billed is not None:
+                    possibly_billed(request)  # sent, no answer: the server may have done it
             except Exception as exc:  # malformed answer etc.: not worth a retry storm
                 retryable, wait = False, None
                 error = f"{type(exc).__name__}: {exc}"
@@ -208,7 +218,7 @@ class OpenAIBackend:
     # ---- the stream ------------------------------------------------------------------------
 
     async def _produce(self, requests: Iterator[GenerationRequest], out: queue.Queue, stop: threading.Event,
-                       before_retry: RetryGate | None = None) -> None:
+                       before_retry: RetryGate | None = None, possibly_billed: BilledHook | None = None) -> None:
         client = self._client()
         slots = asyncio.Semaphore(self.concurrency)
         tasks: set[asyncio.Task] = set()
@@ -218,7 +228,7 @@ class OpenAIBackend:
 
         async def run(request: GenerationRequest) -> None:
             try:
-                out.put(await self._one(client, request, stop, before_retry, pool))
+                out.put(await self._one(client, request, stop, before_retry, pool, possibly_billed))
             finally:
                 slots.release()
 
@@ -241,12 +251,13 @@ class OpenAIBackend:
             await client.close()
             pool.shutdown(wait=False, cancel_futures=True)
 
-    def generate(self, requests: Iterable[GenerationRequest], *,
-                 before_retry: RetryGate | None = None) -> Iterator[GenerationResponse]:
+    def generate(self, requests: Iterable[GenerationRequest], *, before_retry: RetryGate | None = None,
+                 possibly_billed: BilledHook | None = None) -> Iterator[GenerationResponse]:
         """Send ``requests`` (pulled lazily), yield responses as they complete (any order).
 
         ``before_retry(request, attempt) -> bool`` is asked before every retry (attempt >= 2);
-        ``False`` ends that request's retries.
+        ``False`` ends that request's retries. ``possibly_billed(request)`` hears of every attempt
+        that timed out.
         """
         out: queue.Queue = queue.Queue()
         stop = threading.Event()
@@ -255,7 +266,7 @@ class OpenAIBackend:
         def worker() -> None:
             loop = asyncio.new_event_loop()
             try:
-                loop.run_until_complete(self._produce(iter(requests), out, stop, before_retry))
+                loop.run_until_complete(self._produce(iter(requests), out, stop, before_retry, possibly_billed))
             except BaseException as exc:
                 failure.append(exc)
             finally:

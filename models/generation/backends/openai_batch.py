@@ -29,12 +29,15 @@ from typing import Any
 from pydantic import SecretStr
 
 from models.generation.backends.openai_backend import chat_body, redact
+from models.generation.ledger import INTERRUPTED
 from models.generation.types import GenerationRequest, GenerationResponse
 
 log = logging.getLogger("jzlake.generation.openai_batch")
 
 ENDPOINT = "/v1/chat/completions"
 TERMINAL_STATUSES = frozenset({"completed", "failed", "expired", "cancelled"})
+# Lines a batch did not run because of the batch (not the request): not the key's failure.
+BATCH_LINE_CODES_NOT_KEYS_FAULT = frozenset({"batch_expired", "batch_cancelled"})
 
 
 @dataclass
@@ -120,6 +123,12 @@ class OpenAIBatchBackend:
         log.info("created batch %s over file %s", batch.id, input_file_id)
         return batch.id
 
+    def cancel(self, batch_id: str) -> str:
+        """Ask the server to cancel a batch (lines already finished stay in its output); returns the status."""
+        batch = self.client.batches.cancel(batch_id)
+        log.info("cancelling batch %s (%s)", batch_id, batch.status)
+        return batch.status
+
     def find_batch_for_file(self, input_file_id: str) -> str | None:
         """The batch already created over ``input_file_id`` (crash between create and ledger write)."""
         for batch in self.client.batches.list(limit=100):  # auto-paginates, newest first
@@ -179,10 +188,12 @@ class OpenAIBatchBackend:
             seen.add(key)
             yield self._response(key, line)
         reason = "; ".join(state.errors) or f"batch ended {state.status}"
+        # A batch that expired, was cancelled or failed as a whole did not fail these keys.
+        note = f" {INTERRUPTED}batch {state.status})" if state.status != "completed" else ""
         for key in requests:
             if key not in seen:
                 yield GenerationResponse(key=key, text=None, finish_reason=None,
-                                         error=f"missing from batch {state.batch_id} output ({reason})")
+                                         error=f"missing from batch {state.batch_id} output ({reason}){note}")
 
     def _response(self, key: str, line: dict[str, Any]) -> GenerationResponse:
         response = line.get("response") or {}
@@ -190,9 +201,11 @@ class OpenAIBatchBackend:
         status = response.get("status_code")
         if line.get("error") or status != 200:
             detail = line.get("error") or body.get("error") or body
+            code = detail.get("code") if isinstance(detail, dict) else None
+            note = f" {INTERRUPTED}{code})" if code in BATCH_LINE_CODES_NOT_KEYS_FAULT else ""
             return GenerationResponse(key=key, text=None, finish_reason=None,
                                       error=redact(f"batch line failed (HTTP {status}): {detail}",
-                                                   self._api_key)[:2000])
+                                                   self._api_key)[:1900] + note)
         choice = (body.get("choices") or [{}])[0]
         usage = body.get("usage") or {}
         return GenerationResponse(
