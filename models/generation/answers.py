@@ -1,27 +1,50 @@
-"""Final-answer extraction and comparison, shared by synthesis validation and evaluation.
+"""Final answers: extraction and grading, shared by synthesis validation and evaluation.
 
-* ``last_boxed(text)`` — the content of the last ``\\boxed{…}`` (or ``\\fbox{…}``), braces
-  balanced, so ``\\boxed{\\frac{1}{2}}`` gives ``\\frac{1}{2}``.
-* ``normalize_answer(s)`` — a canonical string: no ``$``, spacing macros, ``\\left``/``\\right``,
-  ``\\text{}`` wrappers, trailing units or full stop, thousands separators; ``\\dfrac`` → ``\\frac``.
-* ``to_number(s)`` — a float for numeric answers written in LaTeX or Python style (``3/4``,
-  ``\\frac{3}{4}``, ``2\\sqrt{3}``, ``sqrt(3)*2``, ``12.5\\%`` → 0.125, ``1.5e3``), else ``None``. Parsed
-  with a small ``ast`` walker over numbers, + − × ÷ ^ and a few functions: model output is never
-  handed to ``eval`` or ``sympify``.
-* ``answers_match(a, b)`` — numbers compare with a relative/absolute tolerance, everything else
-  by normalised string; comma-separated tuples element by element; a percentage matches
-  both its fraction and its bare number (``12.5\\%`` ~ ``0.125`` ~ ``12.5``).
+Grading is the ``math-verify`` library (LaTeX / plain-text parsing, symbolic and numeric
+equivalence, sets, intervals, relations). This module is a thin layer over it that keeps only:
 
-Kept here (``models/generation/answers.py``) rather than under ``models/eval``: the synthesis
-filter needs it first, and evaluation imports it from here.
+* **extraction** — ``last_boxed`` (balanced braces), ``printed_answer`` (a program's last
+  output line), ``extract_answer`` (boxed, then "the answer is …", then the last number);
+* **a fast path for plain numbers** — ``42`` vs ``42.0`` needs no parser (≥ 1,000 answers/s on
+  one core, ``make bench-eval``); tolerance ``rel_tol``/``abs_tol``;
+* **three rules math-verify gets wrong**, each with a test showing math-verify's answer
+  (``tests/test_answers.py``):
+
+  1. a percentage equals its bare number (``12.5\\%`` ~ ``12.5`` ~ ``0.125``): math-verify
+     keeps ``12.5\\%`` ≠ ``12.5``;
+  2. trailing unit words in plain text (``5 dollars``): math-verify reads them as a product of
+     symbols (``5*d*o*l*l*a*r*s``);
+  3. word answers (``Yes``, names) compare as text: math-verify reads ``Alice`` as the product
+     ``A*l*i*c*e``, so anagrams (``Celia``) come out equal.
+
+**Time limit.** math-verify's own timeout is ``signal.alarm``: main thread only, and it cannot
+interrupt a long C-level computation (a huge integer power inside sympy). So math-verify runs
+in a helper process (``_MathVerifyWorker``, one per process, shared by all threads under a
+lock) and the parent waits at most ``timeout_s`` per answer; past that the helper is killed and
+restarted and the answer grades as different with ``error="grader timeout"``. "Answers" over
+``MAX_PARSED_CHARS`` (runaway generations) are compared as strings only. Model output is never
+handed to ``eval`` or ``sympify`` in this process.
 """
 
 from __future__ import annotations
 
-import ast
+import json
 import math
-import operator
+import os
 import re
+import select
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+GRADER_RULES_VERSION = "jz-answers-2"  # bump when a rule here changes (part of every eval spec hash)
+DEFAULT_TIMEOUT_S = 5.0
+MAX_PARSED_CHARS = 500  # longer "answers" (runaway generations) are compared as strings only
+
+# ---- extraction -----------------------------------------------------------------------------
 
 _BOX = re.compile(r"\\(?:boxed|fbox)\s*")
 
@@ -30,8 +53,7 @@ def last_boxed(text: str | None) -> str | None:
     """Content of the last ``\\boxed{...}`` in ``text`` (``\\boxed 5`` form too), else ``None``."""
     if not text:
         return None
-    matches = list(_BOX.finditer(text))
-    for m in reversed(matches):
+    for m in reversed(list(_BOX.finditer(text))):
         i = m.end()
         if i < len(text) and text[i] == "{":
             depth = 0
@@ -41,14 +63,44 @@ def last_boxed(text: str | None) -> str | None:
                 elif text[j] == "}" and text[j - 1] != "\\":
                     depth -= 1
                     if depth == 0:
-                        content = text[i + 1:j].strip()
-                        return content or None
+                        return text[i + 1:j].strip() or None
             continue  # unbalanced: try an earlier box
         word = re.match(r"[^\s$]+", text[i:])  # \boxed 5
         if word:
             return word.group(0)
     return None
 
+
+def printed_answer(stdout: str | None) -> str | None:
+    """The answer a program printed: its last non-empty output line (``None`` if none)."""
+    if not stdout:
+        return None
+    lines = [line.strip() for line in stdout.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else None
+
+
+_ANSWER_IS = re.compile(r"answer\s+is\s*:?\s*\$?([^\n$]+?)\$?\s*(?:\.\s|\.?$|\n)", re.IGNORECASE | re.MULTILINE)
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+def extract_answer(text: str | None) -> tuple[str | None, str | None]:
+    """``(answer, rule)`` from a model's solution: the last ``\\boxed{}``; else the last
+    "the answer is X"; else the last number in the text; ``(None, None)`` when nothing is found."""
+    if not text:
+        return None, None
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return boxed, "boxed"
+    stated = _ANSWER_IS.findall(text)
+    if stated and stated[-1].strip():
+        return stated[-1].strip(), "answer_is"
+    numbers = _NUMBER.findall(text)
+    if numbers:
+        return numbers[-1].rstrip(","), "last_number"
+    return None, None
+
+
+# ---- normalisation (string fallback and the fast path) ------------------------------------------
 
 def _unwrap_macro(s: str, name: str) -> str:
     """Replace ``\\name{X}`` by ``X`` (balanced braces), repeatedly."""
@@ -76,10 +128,13 @@ _UNIT_WORDS = (
     r"degrees?|square|sq|cubic|liters?|litres?|ml|people|students|apples|marbles|points"
 )
 _TRAILING_UNITS = re.compile(rf"^(-?[\d.,/]+)\s*(?:(?:{_UNIT_WORDS})\b\s*\^?\d?\s*)+$", re.IGNORECASE)
+_THOUSANDS = re.compile(r"-?\d{1,3}(,\d{3})+(\.\d+)?")
 
 
-def normalize_answer(answer: str | None) -> str:
-    """Canonical string form of an answer (see module docstring); ``""`` for ``None``."""
+def clean_answer(answer: str | None) -> str:
+    """An answer with presentation removed but spacing kept (what math-verify is given):
+    no ``$``, ``\\boxed``, ``\\text{}`` wrappers, ``\\left``/``\\right``, degree signs, trailing
+    full stop or unit words (rule 2), thousands separators; ``x = 5`` → ``5``."""
     if answer is None:
         return ""
     s = str(answer).strip()
@@ -89,7 +144,7 @@ def normalize_answer(answer: str | None) -> str:
     s = s.replace("\n", " ").strip().strip("$").strip()
     for macro in ("text", "textbf", "mathrm", "mathbf", "textit", "mbox", "operatorname"):
         s = _unwrap_macro(s, macro)
-    s = re.sub(r"\\left|\\right|\\!|\\,|\\;|\\:|\\ |~", "", s)
+    s = re.sub(r"\\left|\\right|\\!|\\,|\\;|\\:|~", "", s).replace("\\ ", " ")
     s = re.sub(r"\\[dt]frac", r"\\frac", s)
     s = re.sub(r"\^\s*\{?\\circ\}?|°|\\degree", "", s)
     s = s.replace("\\%", "%").replace("\\$", "")
@@ -98,124 +153,192 @@ def normalize_answer(answer: str | None) -> str:
     unit = _TRAILING_UNITS.match(s)
     if unit:
         s = unit.group(1)
-    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):
+    if _THOUSANDS.fullmatch(s):
         s = s.replace(",", "")
-    s = re.sub(r"\s+", "", s)
-    return s
+    return re.sub(r"\s+", " ", s).strip()
 
 
-# ---- numeric parsing: LaTeX/Python-style expression → float, without eval ------------------
-
-_FUNCS = {"sqrt": math.sqrt, "exp": math.exp, "ln": math.log, "log": math.log, "sin": math.sin,
-          "cos": math.cos, "tan": math.tan, "abs": abs}
-_CONSTS = {"pi": math.pi, "e": math.e}
-_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
-           ast.Div: operator.truediv, ast.Pow: operator.pow}
+def normalize_answer(answer: str | None) -> str:
+    """Canonical string form of an answer (``clean_answer`` without spaces); ``""`` for ``None``."""
+    return clean_answer(answer).replace(" ", "")
 
 
-def _latex_to_expr(s: str) -> str:
-    s = re.sub(r"\\frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}", r"((\1)/(\2))", s)
-    s = re.sub(r"\\frac\s*(\d)\s*(\d)", r"((\1)/(\2))", s)  # \frac12
-    s = re.sub(r"\\sqrt\s*\[([^\]]*)\]\s*\{([^{}]*)\}", r"((\2)**(1/(\1)))", s)
-    s = re.sub(r"\\sqrt\s*\{([^{}]*)\}", r"sqrt(\1)", s)
-    s = re.sub(r"\\sqrt\s*(\d+)", r"sqrt(\1)", s)
-    s = s.replace("\\pi", "pi").replace("\\cdot", "*").replace("\\times", "*").replace("\\div", "/")
-    s = re.sub(r"\\(ln|log|exp|sin|cos|tan)\b", r"\1", s)
-    s = s.replace("^", "**").replace("{", "(").replace("}", ")")
-    s = re.sub(r"(?<=[\d)])\s*(?=[a-zA-Z(])", "*", s)  # 2sqrt(3), 2pi, 3(4)
-    s = re.sub(r"(?<=\bpi)\s*(?=[\d(a-zA-Z])", "*", s)
-    return s
-
-
-def _eval_node(node: ast.AST) -> float:
-    if isinstance(node, ast.Expression):
-        return _eval_node(node.body)
-    if isinstance(node, ast.Constant) and isinstance(node.value, int | float) and not isinstance(node.value, bool):
-        return float(node.value)
-    if isinstance(node, ast.Name) and node.id in _CONSTS:
-        return _CONSTS[node.id]
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd):
-        value = _eval_node(node.operand)
-        return -value if isinstance(node.op, ast.USub) else value
-    if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
-        left, right = _eval_node(node.left), _eval_node(node.right)
-        if isinstance(node.op, ast.Pow) and (abs(right) > 1000 or abs(left) > 1e100):
-            raise ValueError("exponent too large")  # keep 9**9**9 from hanging the parent
-        return float(_BINOPS[type(node.op)](left, right))
-    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCS
-            and len(node.args) == 1 and not node.keywords):
-        return float(_FUNCS[node.func.id](_eval_node(node.args[0])))
-    raise ValueError(f"unsupported expression node {type(node).__name__}")
+_PLAIN_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def to_number(answer: str | None) -> float | None:
-    """Numeric value of an answer, or ``None`` when it is not a plain numeric expression."""
+    """The value of a plain number (``18``, ``-2.5``, ``1,000``, ``1.5e3``, ``12.5%`` → 0.125),
+    else ``None``. Expressions are math-verify's job; nothing here evaluates anything."""
     s = normalize_answer(answer)
-    if not s or len(s) > 200:
-        return None
     percent = s.endswith("%")
     s = s.rstrip("%")
-    if re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", s):
-        value = float(s)
-    else:
-        expr = _latex_to_expr(s)
-        if "\\" in expr or "=" in expr or "," in expr:
-            return None
-        try:
-            value = _eval_node(ast.parse(expr, mode="eval"))
-        except (SyntaxError, ValueError, TypeError, ZeroDivisionError, OverflowError, RecursionError):
-            return None
+    if not s or len(s) > 64 or not _PLAIN_NUMBER.fullmatch(s):
+        return None
+    value = float(s)
     if not math.isfinite(value):
         return None
     return value / 100 if percent else value
 
 
 def _number_readings(s: str) -> list[float]:
-    """``12.5%`` reads as 0.125 or as 12.5 (answers often drop or keep the sign)."""
+    """Rule 1: ``12.5%`` reads as 0.125 or as 12.5 (answers often drop or keep the sign)."""
     value = to_number(s)
     if value is None:
         return []
     return [value, value * 100] if s.endswith("%") else [value]
 
 
-def _split_top_level(s: str) -> list[str]:
-    """Split on commas not nested in brackets: ``(1,2),3`` → ``["(1,2)", "3"]``."""
-    parts, depth, cur = [], 0, []
-    for ch in s:
-        if ch in "([{":
-            depth += 1
-        elif ch in ")]}":
-            depth -= 1
-        if ch == "," and depth == 0:
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-    parts.append("".join(cur))
-    return parts
+_WORDS = re.compile(r"[A-Za-z][A-Za-z'\- ]*")
+
+
+def _is_word_answer(s: str) -> bool:
+    """Rule 3: a word or phrase (letters only, some word of 3+ letters), not a formula."""
+    return bool(_WORDS.fullmatch(s)) and any(len(w) >= 3 for w in re.split(r"[ '\-]", s))
+
+
+# ---- grading ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Grade:
+    """One comparison: ``equal``, how it was decided (``method``), and any grader error."""
+
+    equal: bool
+    method: str  # empty | numeric | string | text | math-verify | unparsed | error
+    error: str | None = None
+
+
+def grade(predicted: str | None, reference: str | None, *, rel_tol: float = 1e-6, abs_tol: float = 1e-9,
+          timeout_s: float = DEFAULT_TIMEOUT_S) -> Grade:
+    """Whether ``predicted`` and ``reference`` are the same final answer (see module docstring)."""
+    a, b = clean_answer(predicted), clean_answer(reference)
+    if not a or not b:
+        return Grade(False, "empty")
+    xs, ys = _number_readings(a.replace(" ", "")), _number_readings(b.replace(" ", ""))
+    if xs and ys:
+        return Grade(any(math.isclose(x, y, rel_tol=rel_tol, abs_tol=abs_tol) for x in xs for y in ys), "numeric")
+    if _is_word_answer(a) or _is_word_answer(b):
+        return Grade(a.casefold() == b.casefold(), "text")
+    if a.replace(" ", "") == b.replace(" ", ""):
+        return Grade(True, "string")
+    if max(len(a), len(b)) > MAX_PARSED_CHARS:
+        return Grade(False, "too_long")  # not a final answer; don't spend the time limit on it
+    return _worker().verify(a, b, timeout_s)
 
 
 def answers_match(predicted: str | None, reference: str | None,
                   rel_tol: float = 1e-6, abs_tol: float = 1e-9) -> bool:
-    """Whether two final answers agree: numerically (tolerance) or as normalised strings."""
-    a, b = normalize_answer(predicted), normalize_answer(reference)
-    if not a or not b:
-        return False
-    if a == b:
-        return True
-    xs, ys = _number_readings(a), _number_readings(b)
-    if xs and ys:
-        return any(math.isclose(x, y, rel_tol=rel_tol, abs_tol=abs_tol) for x in xs for y in ys)
-    strip = "()[]{}"
-    pa, pb = _split_top_level(a.strip(strip)), _split_top_level(b.strip(strip))
-    if len(pa) > 1 and len(pa) == len(pb):
-        return all(answers_match(p, q, rel_tol, abs_tol) for p, q in zip(pa, pb, strict=True))
-    return False
+    """Whether two final answers agree (``grade(...).equal``)."""
+    return grade(predicted, reference, rel_tol=rel_tol, abs_tol=abs_tol).equal
 
 
-def printed_answer(stdout: str | None) -> str | None:
-    """The answer a program printed: its last non-empty output line (``None`` if none)."""
-    if not stdout:
-        return None
-    lines = [line.strip() for line in stdout.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else None
+@lru_cache(maxsize=1)
+def grader_version() -> str:
+    """The grader's identity for spec hashes: math-verify's version + this module's rules."""
+    from importlib.metadata import version
+
+    return f"math-verify=={version('math-verify')};{GRADER_RULES_VERSION}"
+
+
+# ---- the math-verify helper process -----------------------------------------------------------------
+
+class _MathVerifyWorker:
+    """A long-lived ``python -c`` child running ``_serve`` (JSON lines over pipes).
+
+    Thread-safe (one request at a time under a lock); killed and restarted when an answer
+    takes longer than its time limit or the child dies.
+    """
+
+    STARTUP_TIMEOUT_S = 120.0  # importing sympy + math-verify, on a busy machine
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen[str] | None = None
+        self.restarts = 0
+
+    def _start(self) -> subprocess.Popen[str]:
+        repo = str(Path(__file__).resolve().parents[2])
+        code = f"import sys; sys.path.insert(0, {repo!r}); from models.generation.answers import _serve; _serve()"
+        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+        proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True, bufsize=1, env=env)
+        # A first trivial answer pays the imports, so every real answer gets exactly its own limit.
+        if self._ask(proc, "1", "1", self.STARTUP_TIMEOUT_S) is None:
+            proc.kill()
+            proc.wait()
+            raise RuntimeError("the math-verify helper process did not start (is math-verify installed? "
+                               "`make setup`)")
+        return proc
+
+    @staticmethod
+    def _ask(proc: subprocess.Popen[str], predicted: str, reference: str, timeout_s: float) -> dict | None:
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            proc.stdin.write(json.dumps([predicted, reference]) + "\n")
+            proc.stdin.flush()
+            ready, _, _ = select.select([proc.stdout], [], [], timeout_s)
+            line = proc.stdout.readline() if ready else ""
+        except (BrokenPipeError, OSError, ValueError):
+            return None
+        return json.loads(line) if line else None
+
+    def _kill(self) -> None:
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait()
+            self._proc = None
+
+    def verify(self, predicted: str, reference: str, timeout_s: float) -> Grade:
+        with self._lock:
+            if self._proc is None or self._proc.poll() is not None:
+                self._proc = self._start()
+            out = self._ask(self._proc, predicted, reference, timeout_s)
+            if out is None:
+                self._kill()  # hung on this answer (or died): the next answer gets a fresh helper
+                self.restarts += 1
+                return Grade(False, "error", f"grader timeout ({timeout_s:g}s) or helper died")
+            return Grade(bool(out["equal"]), out["method"], out.get("error"))
+
+    def close(self) -> None:
+        with self._lock:
+            self._kill()
+
+
+_WORKER: tuple[int, _MathVerifyWorker] | None = None
+_WORKER_LOCK = threading.Lock()
+
+
+def _worker() -> _MathVerifyWorker:
+    """This process's helper (a forked child, e.g. a Spark Python worker, starts its own)."""
+    global _WORKER
+    with _WORKER_LOCK:
+        if _WORKER is None or _WORKER[0] != os.getpid():
+            _WORKER = (os.getpid(), _MathVerifyWorker())
+        return _WORKER[1]
+
+
+def _serve() -> None:  # pragma: no cover - runs in the helper process
+    """The helper's loop: ``[predicted, reference]`` lines in, ``{"equal", "method"}`` lines out."""
+    import logging
+
+    logging.disable(logging.CRITICAL)
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
+    config = (LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig())
+
+    @lru_cache(maxsize=4096)
+    def parsed(s: str) -> list:
+        # $…$ makes math-verify read the whole string as one LaTeX expression
+        return parse(f"${s}$", extraction_config=config, parsing_timeout=None)
+
+    for line in sys.stdin:
+        predicted, reference = json.loads(line)
+        try:
+            gold, pred = parsed(reference), parsed(predicted)
+            if not gold or not pred:
+                result = {"equal": False, "method": "unparsed"}
+            else:
+                result = {"equal": bool(verify(gold, pred, timeout_seconds=None)), "method": "math-verify"}
+        except Exception as exc:  # a parser bug on odd input: a wrong answer, not a crash
+            result = {"equal": False, "method": "error", "error": f"{type(exc).__name__}: {exc}"[:200]}
+        sys.stdout.write(json.dumps(result) + "\n")
+        sys.stdout.flush()
