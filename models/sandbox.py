@@ -4,37 +4,57 @@ Public API (shared by synthesis validation and the evaluation's tool setting)::
 
     from models.sandbox import SandboxLimits, run_python
     result = run_python("print(6 * 7)", SandboxLimits(wall_seconds=5))
-    result.ok, result.stdout, result.killed_by, result.isolation
+    result.ok, result.stdout, result.killed_by, result.isolation, result.memory_bound
 
-**The boundary is bubblewrap** (``bwrap``, Debian's ``bubblewrap``; ``make sandbox-tool``).
-Each run gets, from bwrap: new user, PID, network, mount, IPC, UTS (and cgroup) namespaces;
-uid/gid 65534 inside with every capability dropped and no_new_privs; no nested user namespaces
-(``--disable-userns``, bubblewrap >= 0.8, else without); a root filesystem that holds only the
-interpreter's prefixes (venv and base install: binary, stdlib, site-packages) and ``/usr/lib*``
-read-only, a fresh ``/proc`` of its own PID namespace, a minimal read-only ``/dev``, and the
-run's temp dir as the only writable place; a network namespace with only its own loopback (no
-route to the host's localhost, its abstract sockets or anywhere else); a cleared environment
-(bwrap itself is started with the scrubbed one, so no process in the sandbox has the caller's
-secrets in ``/proc/<pid>/environ``); ``--new-session`` (no terminal injection);
-``--die-with-parent``. The interpreter is the namespace's PID 1 (``--as-pid-1``): when it
-exits, or bwrap is killed, the kernel kills every process of the run, so nothing outlives it
-and no grandchild holds the output pipes. ``isolation="bwrap"``.
+**The boundary is bubblewrap plus a seccomp filter** (``bwrap``, Debian's ``bubblewrap``;
+``make sandbox-tool``). Each run gets, from bwrap: new user, PID, network, mount, IPC, UTS (and
+cgroup) namespaces; uid/gid 65534 inside with every capability dropped and no_new_privs; no
+nested user namespaces (``--disable-userns``, bubblewrap >= 0.8, else without); a root
+filesystem that holds only the interpreter's prefixes (venv and base install: binary, stdlib,
+site-packages) and ``/usr/lib*`` read-only, a fresh ``/proc`` of its own PID namespace, a
+minimal read-only ``/dev``; as the only writable place a **tmpfs of its own** of
+``max_disk_bytes`` (``--size``: writing past it fails with ENOSPC; nothing of the run is on
+the host's disk, so a caller killed mid-run leaves nothing behind), holding the program
+(``main.py``, copied in read-only from a memfd: no host file, no chown); a network namespace
+with only its own loopback (no route to the host's localhost, its abstract sockets or anywhere
+else); a cleared environment (bwrap itself is started with the scrubbed one, so no process in
+the sandbox has the caller's secrets in ``/proc/<pid>/environ``); ``--new-session`` (no
+terminal injection); ``--die-with-parent``. The interpreter is the namespace's PID 1
+(``--as-pid-1``): when it exits, or bwrap is killed, the kernel kills every process of the
+run, so nothing outlives it and no grandchild holds the output pipes. ``isolation="bwrap"``.
+
+The **seccomp filter** (classic BPF built here, ``bwrap --seccomp FD``; x86-64 and aarch64,
+other architectures fail closed; a foreign-ABI syscall kills the process) refuses with EPERM:
+keyrings (``keyctl``/``add_key``/``request_key``; only joining a fresh anonymous session
+keyring is let through, which the wrapper does first, so the caller's inherited session
+keyring is out of reach), io_uring, userfaultfd, ptrace and ``process_vm_*``, bpf,
+perf_event_open, every mount call (old and new API), chroot/pivot_root, unshare/setns and
+``clone`` with namespace flags (``clone3``: ENOSYS, libc falls back to ``clone``), kernel
+modules, kexec, ``open_by_handle_at``/``name_to_handle_at``, fanotify, syslog, acct, quotactl,
+swap, reboot, host/domain names, iopl/ioperm, memfd_secret, ``personality`` other than
+PER_LINUX/PER_LINUX32/query, TIOCSTI/TIOCLINUX ioctls, and sockets of any family but AF_UNIX
+(EAFNOSUPPORT: the network namespace has no interface anyway; unix sockets and socketpairs
+stay for libraries that use them). It also kills (SIGSYS) a process that exits with a status
+of 128-255: bwrap reports death by signal N as 128+N, so such statuses are kept for signals.
 
 A root caller (CI, containers) gets the same: bwrap is started as uid 65534, directly when that
 uid can read the interpreter, else after binding the interpreter's directories onto a staging
-directory in a private mount namespace of our own (``unshare -m``; the host's mounts are never
-touched). Only when neither works does bwrap run as root with ``--cap-drop ALL``
-(``isolation="bwrap-root"``: same namespaces, but the code's uid is root outside them and the
-kernel applies no ``RLIMIT_NPROC`` to root).
+directory in a private mount namespace of our own (``unshare -m`` + ``setpriv``; the host's
+mounts are never touched). Only when neither works does bwrap run as root with ``--cap-drop
+ALL`` (``isolation="bwrap-root"``: same namespaces and filter, but the code's uid is root
+outside them and the kernel applies no ``RLIMIT_NPROC`` to root). **``bwrap-root`` counts as
+weak isolation**: it needs ``allow_weak_isolation`` like the modes below. Probes are re-run
+until one succeeds (a failure is never kept; ``bwrap-root`` is re-probed after a minute).
 
 Without bubblewrap ``run_python`` raises :class:`SandboxUnavailable` (it says how to install
 it) unless ``allow_weak_isolation`` is set; then the weaker pre-bubblewrap layers run
 (``isolation="namespaces-weak"``: ``unshare -n -m`` with the wrapper remounting everything
 read-only but the temp dir, where the kernel permits; else ``"hook-only"``). Asking for
 ``network_isolation``/``filesystem_isolation="audit-hook"`` is such a request too. Weak modes
-have no PID namespace (``os.pidfd_open`` + ``signal.pidfd_send_signal`` raise no audit event
-and can reach other processes of the caller's uid), no process-count limit, and as root the
-child is root.
+have no seccomp filter, no PID namespace (``os.pidfd_open`` + ``signal.pidfd_send_signal``
+raise no audit event and can reach other processes of the caller's uid), no process-count
+limit, their temp dir on the host's disk (``jzsandbox-<pid>-<pidns>-*``: dirs of dead callers are swept
+by the next process's first run), and as root the child is root.
 
 Limits (all modes unless said):
 
@@ -43,59 +63,83 @@ Limits (all modes unless said):
   mode's process group) gets SIGKILL (``timed_out=True``, ``killed_by="timeout"``).
 * **CPU seconds** — ``RLIMIT_CPU``; the wrapper's SIGXCPU handler exits at the soft limit; code
   that ignores SIGXCPU is killed at the hard limit (one second later). Both are
-  ``killed_by="cpu"``: the parent reads the child's own CPU time (``wait4``) to tell a CPU kill
-  from any other SIGKILL.
-* **Memory** — ``RLIMIT_AS``; Python's ``MemoryError`` is reported as ``killed_by="memory"``
-  (exit code 86). ``RLIMIT_FSIZE`` caps any file the code writes, ``RLIMIT_NOFILE`` open files,
-  ``RLIMIT_CORE`` = 0.
+  ``killed_by="cpu"`` only when the CPU time the kernel reports for the run (``wait4``) reached
+  the limit.
+* **Memory** — where cgroup v2 is writable with the memory and pids controllers delegated
+  (root, or a delegated systemd slice), each run gets a cgroup of its own (``memory.max`` =
+  ``memory_bytes`` for all its processes and its tmpfs files, ``memory.swap.max`` = 0,
+  ``pids.max``), removed afterwards; an OOM kill there is ``killed_by="memory"``
+  (``memory_bound="cgroup"``). Otherwise the bound is ``RLIMIT_AS`` per process
+  (``memory_bound="per-process"``): **one run may hold up to ``memory_bytes * max_processes``**
+  (plus ``max_disk_bytes`` of tmpfs). Either way ``RLIMIT_AS`` applies per process too, and a
+  ``MemoryError`` reaching the top is ``killed_by="memory"`` (exit code 86; code that raises
+  one itself can only make its own run look failed). ``RLIMIT_FSIZE`` caps any file the code
+  writes, ``RLIMIT_NOFILE`` open files, ``RLIMIT_CORE`` = 0.
 * **Processes** — ``RLIMIT_NPROC`` = ``max_processes`` (threads count), set inside the run's own
-  user namespace, where the kernel counts only that run's tasks (``bwrap`` only).
+  user namespace, where the kernel counts only that run's tasks (``bwrap`` only); ``pids.max``
+  under a cgroup.
 * **Output** — stdout and stderr are read up to ``max_output_bytes`` each; past that the run is
   killed and the result says ``truncated=True``, ``killed_by="output_limit"``.
-* **Setup** — the wrapper reports on a pipe once it is ready to run the code; a run that never
-  got there (bwrap or the wrapper failed) is ``killed_by="sandbox_setup"``.
+* **Setup** — the wrapper reports on a pipe once it is ready to run the code (closed before the
+  code runs); a run that never got there is ``killed_by="sandbox_setup"``.
 
-**Defence in depth (always): a PEP 578 audit hook** installed before the user code. It gives
-clear errors, but it is not a boundary (PEP 578 says so: code that corrupts interpreter memory
-gets past it). It refuses: socket creation/connect/bind/lookups; ``subprocess``, ``os.system``,
-``os.exec*``, ``os.fork``, ``os.forkpty``, ``os.posix_spawn*``, ``os.kill*``; raising resource
-limits; new sub-interpreters; code-object construction; ``gc`` object introspection; changing
-the hook's own functions; imports whose module name or file is not an exact ``str`` (a subclass
-could answer the checks with anything); and importing C modules that reach the OS or raw memory
-without an audit event — ``ctypes``/``_ctypes`` (a stand-in ``ctypes`` answers
-``c_long``/``sizeof``, all sympy needs at import — scipy, which calls ``ctypes.cast`` at
-import, does not load), ``_posixsubprocess`` (its ``fork_exec`` raises no event),
-``_socket``/``_ssl``, ``_sqlite3``, ``_dbm``/``_gdbm``, ``_posixshmem``/``_multiprocessing``,
-``syslog``, ``readline``, the ``_test*`` modules — by module name, last dotted component and the
-extension file's name. ``subprocess`` is pre-imported with its ``fork_exec`` replaced. Writes
-outside the temp dir are refused (paths resolved by the hook's own ``realpath`` from captured C
-functions; ``os.open`` of a directory and ``dir_fd=`` are refused). The hook's state lives in
-default arguments holding only immutable objects, with no closure cells, so frames reached
-through a refusal's traceback expose nothing that can switch it off. The interpreter runs with
-``-I -B``.
+``killed_by`` never comes from what the code prints: it is decided from the parent's timer and
+output count, the ready pipe, the kernel's exit status, ``wait4`` CPU time and the cgroup's
+``oom_kill`` count.
 
-Not covered: no seccomp filter (the kernel's whole syscall surface is reachable from inside the
-namespaces); the temp dir is on the host's disk (``RLIMIT_FSIZE`` bounds each file, not their
-number); no cgroup memory/CPU accounting beyond the rlimits.
+**The PEP 578 audit hook is cosmetic defence in depth, not a boundary.** It gives clear errors
+for the common cases, and nothing more: PEP 578 says code that can corrupt interpreter memory
+gets past it, and packages in the venv do exactly that without an audit event (numpy's
+``__array_interface__`` reads and writes any address; pyarrow's ``foreign_buffer`` reads any).
+It refuses: socket creation/connect/bind/lookups; ``subprocess``, ``os.system``, ``os.exec*``,
+``os.fork``, ``os.forkpty``, ``os.posix_spawn*``, ``os.kill*``; raising resource limits; new
+sub-interpreters; code-object construction; ``gc`` object introspection; changing the hook's
+own functions; imports whose module name or file is not an exact ``str``; and importing C
+modules that reach the OS or raw memory without an audit event — ``ctypes``/``_ctypes`` (a
+stand-in ``ctypes`` answers ``c_long``/``sizeof``, all sympy needs at import — scipy, which
+calls ``ctypes.cast`` at import, does not load), ``cffi``/``_cffi_backend`` (``dlopen(None)``
+is libc), ``_posixsubprocess``, ``_socket``/``_ssl``, ``_sqlite3``, ``_dbm``/``_gdbm``,
+``_posixshmem``/``_multiprocessing``, ``syslog``, ``readline``, the ``_test*`` modules — by
+module name, last dotted component and the extension file's name. ``subprocess`` is
+pre-imported with its ``fork_exec`` replaced. Writes outside the temp dir are refused (paths
+resolved by the hook's own ``realpath`` from captured C functions; ``os.open`` of a directory
+and ``dir_fd=`` are refused). The hook's state lives in default arguments holding only
+immutable objects. The interpreter runs with ``-I -B``. The tests run every hostile program
+with the hook switched off as well: the kernel layers alone must hold.
+
+Not covered: the kernel itself (a kernel bug reachable through the allowed syscalls — file
+systems, pipes, futexes, memory management — is an escape; the filter narrows the surface, it
+does not remove it); CPU time beyond ``RLIMIT_CPU`` per process (no ``cpu.max``: forked
+children each get the limit, within the wall clock); side channels and timing; the memory of
+a run is per process where cgroup v2 is not available (see Memory); what the run reads is
+whatever the interpreter's prefixes and ``/usr/lib*`` hold (world-readable files there are
+readable); ``/proc`` shows the kernel's global files (``/proc/cpuinfo``, ``/proc/meminfo``,
+load); weak modes, as listed above.
 """
 from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import json
 import os
+import re
+import secrets
 import selectors
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Literal
+from typing import Literal, TypeVar
 
+_T = TypeVar("_T")
 MEMORY_EXIT_CODE = 86
 SETUP_EXIT_CODE = 85
 CPU_EXIT_CODE = 87
@@ -112,14 +156,22 @@ def _sandbox(root, payload):
     import json
     config = json.loads(payload)
     root = os.path.realpath(root)
+    if config["fresh_keyring"]:
+        # a new, empty, anonymous session keyring (the only keyctl call the seccomp filter
+        # lets through): the caller's inherited one is no longer reachable from this run
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.syscall(ctypes.c_long(config["fresh_keyring"]), ctypes.c_long(1), None) < 0 \
+                and ctypes.get_errno() != 38:  # ENOSYS: a kernel without keyrings
+            raise OSError(ctypes.get_errno(), "keyctl(KEYCTL_JOIN_SESSION_KEYRING) failed")
     if config["mount_ro"]:
         # never remount the caller's filesystems: only inside a mount namespace of our own
         if os.readlink("/proc/self/ns/mnt") == config["parent_mount_ns"]:
             raise RuntimeError("mount_ro outside a private mount namespace (run under unshare -m)")
         _read_only_mounts(root)
         os.chdir(root)  # the old cwd is the directory under the new bind mount: read-only
-        for name in [m for m in sys.modules if m == "_ctypes" or m == "ctypes" or m.startswith("ctypes.")]:
-            del sys.modules[name]  # used for mount(2); the code gets the stand-in below
+    for name in [m for m in sys.modules if m == "_ctypes" or m == "ctypes" or m.startswith("ctypes.")]:
+        del sys.modules[name]  # used for keyctl(2)/mount(2); the code gets the stand-in below
     import resource, signal
     for name, value in config["rlimits"].items():
         resource.setrlimit(getattr(resource, name), (value[0], value[1]))
@@ -239,7 +291,7 @@ def _make_hook(root):
         "_multiprocessing", "_xxsubinterpreters", "_xxinterpchannels", "_testcapi", "_testinternalcapi",
         "_testmultiphase", "_testsinglephase", "_testbuffer", "_testimportmultiple", "_testclinic",
         "_ctypes_test", "xxlimited", "xxlimited_35", "xxsubtype", "syslog", "nis", "readline", "_tkinter",
-        "_curses", "_curses_panel",
+        "_curses", "_curses_panel", "_cffi_backend", "cffi",
     })
     # (event, indices of paths that must stay inside, indices of dir_fd arguments)
     path_rules = (
@@ -411,8 +463,8 @@ except MemoryError:
 
 
 SANDBOX_UID = 65534  # "nobody": the uid (and gid) the code runs as inside the sandbox
-INSTALL_HINT = ("install bubblewrap: `make sandbox-tool` (as root it runs "
-                "`apt-get install -y bubblewrap`; elsewhere ask for the Debian/Ubuntu package `bubblewrap`)")
+INSTALL_HINT = ("install bubblewrap >= 0.8 (for --size/--perms of the run's tmpfs): `make sandbox-tool` (as root "
+                "it runs `apt-get install -y bubblewrap`; elsewhere ask for the Debian/Ubuntu package `bubblewrap`)")
 Isolation = Literal["bwrap", "bwrap-root", "namespaces-weak", "hook-only"]
 
 
@@ -431,7 +483,12 @@ class SandboxLimits:
     ``netns`` / ``mount`` require it (``RuntimeError`` where not permitted); ``audit-hook``
     skips it (asking for ``audit-hook`` is itself a request for the weak mode).
     ``max_processes``: processes and threads of the run (``RLIMIT_NPROC`` inside the run's own
-    user namespace, so only its own tasks count; bubblewrap modes only).
+    user namespace, so only its own tasks count; bubblewrap modes only; ``pids.max`` of the run's
+    cgroup where it has one). ``memory_bytes``: the whole run's memory (``memory.max`` of its
+    cgroup) where cgroup v2 is writable, else the address space of each of its processes
+    (``RLIMIT_AS``: the run may then hold up to ``memory_bytes * max_processes``; the result's
+    ``memory_bound`` says which). ``max_disk_bytes``: size of the run's writable directory (a
+    tmpfs of its own, bubblewrap modes; it is memory, not disk, and counts in the cgroup).
     """
 
     cpu_seconds: int = 5
@@ -444,6 +501,7 @@ class SandboxLimits:
     filesystem_isolation: Literal["auto", "mount", "audit-hook"] = "auto"
     max_processes: int = 32
     allow_weak_isolation: bool = False
+    max_disk_bytes: int = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -456,7 +514,8 @@ class SandboxResult:
     read: the same namespaces and no capabilities, but the code's uid maps to root outside, so
     the kernel does not apply ``max_processes``), ``namespaces-weak`` (``unshare`` network/mount
     namespaces plus the audit hook), ``hook-only``. ``network_isolation``: netns | audit-hook;
-    ``filesystem_isolation``: mount-ro | audit-hook."""
+    ``filesystem_isolation``: mount-ro | audit-hook. ``memory_bound``: ``cgroup`` (``memory_bytes``
+    for the whole run) or ``per-process`` (``RLIMIT_AS`` per process)."""
 
     stdout: str
     stderr: str
@@ -469,6 +528,7 @@ class SandboxResult:
     filesystem_isolation: str = "audit-hook"
     isolation: str = "hook-only"
     cpu_s: float = 0.0
+    memory_bound: str = "per-process"
 
     @property
     def ok(self) -> bool:
@@ -491,6 +551,145 @@ class _Launch:
     @property
     def process_limit(self) -> bool:
         return self.isolation == "bwrap"
+
+
+# ---------------------------------------------------------------- seccomp filter (classic BPF)
+
+# Written here rather than generated with libseccomp: about forty lines, no dependency (the
+# Debian python3-seccomp binding is for the system interpreter only, pyseccomp needs
+# libseccomp.so.2 at run time), and every instruction is visible and tested. Syscall numbers
+# per architecture (asm/unistd_64.h, asm-generic/unistd.h); tests compare them with libseccomp
+# where it is installed. An architecture missing here has no filter: the sandbox fails closed.
+_AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
+_SYSCALLS = {
+    "x86_64": {
+        "ioctl": 16, "socket": 41, "socketpair": 53, "clone": 56, "exit": 60, "ptrace": 101, "syslog": 103,
+        "uselib": 134, "personality": 135, "pivot_root": 155, "chroot": 161, "acct": 163, "mount": 165,
+        "umount2": 166, "swapon": 167, "swapoff": 168, "reboot": 169, "sethostname": 170,
+        "setdomainname": 171, "iopl": 172, "ioperm": 173, "init_module": 175, "delete_module": 176,
+        "quotactl": 179, "lookup_dcookie": 212, "exit_group": 231, "kexec_load": 246, "add_key": 248,
+        "request_key": 249, "keyctl": 250, "unshare": 272, "perf_event_open": 298, "fanotify_init": 300,
+        "name_to_handle_at": 303, "open_by_handle_at": 304, "setns": 308, "process_vm_readv": 310,
+        "process_vm_writev": 311, "finit_module": 313, "kexec_file_load": 320, "bpf": 321,
+        "userfaultfd": 323, "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427,
+        "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433,
+        "clone3": 435, "mount_setattr": 442, "memfd_secret": 447,
+    },
+    "aarch64": {
+        "lookup_dcookie": 18, "ioctl": 29, "umount2": 39, "mount": 40, "pivot_root": 41, "chroot": 51,
+        "quotactl": 60, "acct": 89, "personality": 92, "exit": 93, "exit_group": 94, "unshare": 97,
+        "kexec_load": 104, "init_module": 105, "delete_module": 106, "syslog": 116, "ptrace": 117,
+        "reboot": 142, "sethostname": 161, "setdomainname": 162, "socket": 198, "socketpair": 199,
+        "add_key": 217, "request_key": 218, "keyctl": 219, "clone": 220, "swapon": 224, "swapoff": 225,
+        "perf_event_open": 241, "fanotify_init": 262, "name_to_handle_at": 264, "open_by_handle_at": 265,
+        "setns": 268, "process_vm_readv": 270, "process_vm_writev": 271, "finit_module": 273, "bpf": 280,
+        "userfaultfd": 282, "kexec_file_load": 294, "io_uring_setup": 425, "io_uring_enter": 426,
+        "io_uring_register": 427, "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431,
+        "fsmount": 432, "fspick": 433, "clone3": 435, "mount_setattr": 442, "memfd_secret": 447,
+    },
+}
+# refused with EPERM outright: keyrings, io_uring, userfaultfd, tracing and other processes'
+# memory, BPF, perf, mounts and namespaces, kernel modules, kexec, file handles, host admin
+SECCOMP_DENIED = (
+    "add_key", "request_key", "io_uring_setup", "io_uring_enter", "io_uring_register", "userfaultfd",
+    "ptrace", "process_vm_readv", "process_vm_writev", "bpf", "perf_event_open", "mount", "umount2",
+    "pivot_root", "open_tree", "move_mount", "fsopen", "fsconfig", "fsmount", "fspick", "mount_setattr",
+    "chroot", "unshare", "setns", "kexec_load", "kexec_file_load", "init_module", "finit_module",
+    "delete_module", "open_by_handle_at", "name_to_handle_at", "fanotify_init", "lookup_dcookie", "syslog",
+    "uselib", "acct", "quotactl", "swapon", "swapoff", "reboot", "sethostname", "setdomainname",
+    "memfd_secret", "iopl", "ioperm",
+)
+_CLONE_NAMESPACE_FLAGS = 0x00000080 | 0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000 \
+    | 0x20000000 | 0x40000000  # NEWTIME NEWNS NEWCGROUP NEWUTS NEWIPC NEWUSER NEWPID NEWNET
+_RET_ALLOW, _RET_KILL_PROCESS, _RET_ERRNO = 0x7FFF0000, 0x80000000, 0x00050000
+_EPERM, _ENOSYS, _EAFNOSUPPORT = 1, 38, 97
+_AF_UNIX = 1
+_PERSONALITY_ALLOWED = (0x0, 0x8, 0xFFFFFFFF)  # PER_LINUX, PER_LINUX32, query
+_TIOCSTI, _TIOCLINUX = 0x5412, 0x541C  # push input into / control a terminal
+_KEYCTL_JOIN_SESSION_KEYRING = 1
+
+
+def _seccomp_program(machine: str) -> list[tuple[str, int, str | None, str | None]]:
+    """The filter as (op, k, jump-if-true label, jump-if-false label); ``label:`` ops mark
+    targets. Reads seccomp_data: nr at 0, arch at 4, args[i] at 16 + 8*i (low word first)."""
+    nr = _SYSCALLS[machine]
+
+    def arg(i: int, high: bool = False) -> tuple[str, int, None, None]:
+        return ("ld", 16 + 8 * i + (4 if high else 0), None, None)
+
+    load_nr = ("ld", 0, None, None)
+    prog: list[tuple[str, int, str | None, str | None]] = [
+        ("ld", 4, None, None), ("jeq", _AUDIT_ARCH[machine], "native", None), ("ret", _RET_KILL_PROCESS, None, None),
+        ("label:native", 0, None, None), load_nr,
+    ]
+    if machine == "x86_64":  # the x32 ABI: same arch value, numbers with bit 30 set
+        prog += [("jge", 0x40000000, "eperm", None)]
+    for name in SECCOMP_DENIED:
+        if name in nr:  # iopl/ioperm/uselib exist on x86-64 only
+            prog += [("jeq", nr[name], "eperm", None)]
+    # clone3's flags live in memory the filter cannot read: ENOSYS, and libc falls back to clone
+    prog += [("jeq", nr["clone3"], "enosys", None)]
+    prog += [  # clone: no new namespaces
+        ("jeq", nr["clone"], None, "after_clone"), arg(0), ("jset", _CLONE_NAMESPACE_FLAGS, "eperm", None),
+        load_nr, ("label:after_clone", 0, None, None)]
+    for call in ("socket", "socketpair"):  # AF_UNIX only (the network namespace has no interface anyway)
+        prog += [("jeq", nr[call], None, f"after_{call}"), arg(0), ("jeq", _AF_UNIX, f"ok_{call}", "eafnosupport"),
+                 (f"label:ok_{call}", 0, None, None), load_nr, (f"label:after_{call}", 0, None, None)]
+    prog += [("jeq", nr["personality"], None, "after_personality"), arg(0)]
+    prog += [("jeq", value, "ok_personality", None) for value in _PERSONALITY_ALLOWED]
+    prog += [("ret", _RET_ERRNO | _EPERM, None, None), ("label:ok_personality", 0, None, None), load_nr,
+             ("label:after_personality", 0, None, None)]
+    prog += [("jeq", nr["ioctl"], None, "after_ioctl"), arg(1), ("jeq", _TIOCSTI, "eperm", None),
+             ("jeq", _TIOCLINUX, "eperm", None), load_nr, ("label:after_ioctl", 0, None, None)]
+    # keyrings: only joining a fresh anonymous session keyring (the wrapper does it first)
+    prog += [("jeq", nr["keyctl"], None, "after_keyctl"), arg(0), ("jeq", _KEYCTL_JOIN_SESSION_KEYRING, None, "eperm"),
+             arg(1), ("jeq", 0, None, "eperm"), arg(1, high=True), ("jeq", 0, "allow", "eperm"),
+             ("label:after_keyctl", 0, None, None)]
+    # exit statuses 128-255 are the code's own: bwrap reports death by signal N as 128+N, so
+    # a program choosing such a status could pass for a signal. It is killed (SIGSYS) instead.
+    for call in ("exit", "exit_group"):
+        prog += [("jeq", nr[call], None, f"after_{call}"), arg(0), ("jset", 0x80, "kill", None), load_nr,
+                 (f"label:after_{call}", 0, None, None)]
+    prog += [("label:allow", 0, None, None), ("ret", _RET_ALLOW, None, None),
+             ("label:eperm", 0, None, None), ("ret", _RET_ERRNO | _EPERM, None, None),
+             ("label:enosys", 0, None, None), ("ret", _RET_ERRNO | _ENOSYS, None, None),
+             ("label:eafnosupport", 0, None, None), ("ret", _RET_ERRNO | _EAFNOSUPPORT, None, None),
+             ("label:kill", 0, None, None), ("ret", _RET_KILL_PROCESS, None, None)]
+    return prog
+
+
+def seccomp_filter(machine: str | None = None) -> bytes:
+    """The run's seccomp filter as ``struct sock_filter[]`` (what ``bwrap --seccomp FD`` reads).
+    Raises ``RuntimeError`` for an architecture without a syscall table (fail closed)."""
+    import platform
+
+    machine = machine or platform.machine()
+    if machine not in _SYSCALLS:
+        raise RuntimeError(f"no seccomp filter for architecture {machine!r} (known: {', '.join(_SYSCALLS)})")
+    opcodes = {"ld": 0x20, "jeq": 0x15, "jge": 0x35, "jset": 0x45, "ret": 0x06}  # BPF_LD|W|ABS, JMP|K, RET|K
+    program = _seccomp_program(machine)
+    positions: dict[str, int] = {}
+    count = 0
+    for op, *_ in program:
+        if op.startswith("label:"):
+            positions[op[6:]] = count
+        else:
+            count += 1
+    out = bytearray()
+    index = 0
+    for op, k, if_true, if_false in program:
+        if op.startswith("label:"):
+            continue
+
+        def offset(label: str | None, index: int = index) -> int:
+            jump = 0 if label is None else positions[label] - index - 1
+            if not 0 <= jump <= 255:
+                raise RuntimeError(f"seccomp filter: jump to {label} out of range")
+            return jump
+
+        out += struct.pack("=HBBI", opcodes[op], offset(if_true), offset(if_false), k)
+        index += 1
+    return bytes(out)
 
 
 # ---------------------------------------------------------------- bubblewrap (the boundary)
@@ -552,12 +751,30 @@ def _bwrap_prefix(bwrap: str, python: str, *, disable_userns: bool, root_in_name
     return tuple(args)
 
 
-def _bwrap_run_args(prefix: tuple[str, ...], workdir: str, env: dict[str, str]) -> list[str]:
+def _bwrap_run_args(prefix: tuple[str, ...], workdir: str, env: dict[str, str], *, disk_bytes: int,
+                    code_fd: int, seccomp_fd: int) -> list[str]:
+    """Per run: the environment, the seccomp filter, and the only writable place — a tmpfs of
+    ``disk_bytes`` at ``workdir`` (nothing on the host's disk) holding the program, bound
+    read-only from ``code_fd``; the root (bwrap's own tmpfs) is then made read-only."""
     args = list(prefix)
     for key, value in env.items():
         args += ["--setenv", key, value]
-    # the temp dir is the only writable place; the root (bwrap's tmpfs) is then made read-only
-    return [*args, "--bind", workdir, workdir, "--chdir", workdir, "--remount-ro", "/"]
+    return [*args, "--seccomp", str(seccomp_fd), "--size", str(disk_bytes), "--perms", "0700", "--tmpfs", workdir,
+            "--ro-bind-data", str(code_fd), f"{workdir}/main.py", "--chdir", workdir, "--remount-ro", "/"]
+
+
+def _memfd(name: str, data: bytes) -> int:
+    """An anonymous in-memory file holding ``data``, positioned at its start (for bwrap to read)."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 # Root caller, interpreter only root can reach (e.g. pyenv under /root): in a private mount
@@ -567,11 +784,17 @@ def _bwrap_run_args(prefix: tuple[str, ...], workdir: str, env: dict[str, str]) 
 _STAGE_SCRIPT = 'while [ "$1" != -- ]; do mount --bind "$1" "$2" || exit 85; shift 2; done; shift; exec "$@"'
 
 
-@lru_cache(maxsize=1)
+_STAGE_ROOTS: dict[int, str] = {}  # per process id: a forked worker makes its own
+
+
 def _stage_root() -> str:
-    stage = tempfile.mkdtemp(prefix="jzsandbox-stage-")
-    os.chmod(stage, 0o755)
-    atexit.register(shutil.rmtree, stage, True)
+    stage = _STAGE_ROOTS.get(os.getpid())
+    if stage is None:
+        # named after its owner's pid: a caller killed before atexit leaves it to the next sweep
+        stage = tempfile.mkdtemp(prefix=f"jzsandbox-stage-{_owner_tag()}-")
+        os.chmod(stage, 0o755)
+        atexit.register(shutil.rmtree, stage, True)
+        _STAGE_ROOTS[os.getpid()] = stage
     return stage
 
 
@@ -593,15 +816,37 @@ def _staged_drop_prefix(python: str) -> tuple[tuple[str, ...], dict[str, str]] |
     return prefix, sources  # type: ignore[return-value]
 
 
-@lru_cache(maxsize=4)
+# Probe results: a ``bwrap`` launch is kept for the process's life; ``bwrap-root`` (a better
+# mode failed, perhaps for a passing reason) is probed again after a minute; a failed probe is
+# never kept.
+_BWRAP_LAUNCHES: dict[str, tuple[_Launch, float]] = {}
+_BWRAP_ROOT_RECHECK_S = 60.0
+
+
 def _bwrap_launch(python: str) -> tuple[_Launch | None, str]:
-    """The bubblewrap setup that works here (probed once per interpreter by running the real
-    wrapper), or None and why not. A root caller first drops to the sandbox uid (so the code is
-    unprivileged outside the namespaces too, and ``RLIMIT_NPROC`` applies: the kernel skips it
-    for uid 0): directly, else through a staged interpreter; only then bwrap as root."""
+    """The bubblewrap setup that works here, or None and why not (see ``_probe_bwrap_launch``)."""
+    cached = _BWRAP_LAUNCHES.get(python)
+    if cached is not None and (cached[0].isolation == "bwrap"
+                               or time.monotonic() - cached[1] < _BWRAP_ROOT_RECHECK_S):
+        return cached[0], ""
+    launch, why = _probe_bwrap_launch(python)
+    if launch is not None:
+        _BWRAP_LAUNCHES[python] = (launch, time.monotonic())
+    return launch, why
+
+
+def _probe_bwrap_launch(python: str) -> tuple[_Launch | None, str]:
+    """Probe by running the real wrapper under each candidate. A root caller first drops to
+    the sandbox uid (so the code is unprivileged outside the namespaces too, and
+    ``RLIMIT_NPROC`` applies: the kernel skips it for uid 0): directly, else through a staged
+    interpreter; only then bwrap as root."""
     bwrap = shutil.which("bwrap")
     if not bwrap:
         return None, "`bwrap` is not on PATH"
+    try:
+        seccomp_filter()
+    except RuntimeError as exc:
+        return None, str(exc)
     candidates: list[_Launch] = []
     for disable_userns in (True, False):  # --disable-userns needs bubblewrap >= 0.8
         if os.geteuid() != 0:
@@ -649,7 +894,24 @@ def _unshare_candidates(flags: tuple[str, ...]) -> list[tuple[str, ...]]:
     return candidates
 
 
-@lru_cache(maxsize=1)
+def _keep_successes(probe: Callable[..., _T | None]) -> Callable[..., _T | None]:
+    """Memoise a probe's results except None (a failure): the next call probes again."""
+    kept: dict[tuple[object, ...], _T] = {}
+
+    @functools.wraps(probe)
+    def remembered(*args: object) -> _T | None:
+        if args not in kept:
+            result = probe(*args)
+            if result is None:
+                return None
+            kept[args] = result
+        return kept[args]
+
+    remembered.cache_clear = kept.clear  # type: ignore[attr-defined]
+    return remembered
+
+
+@_keep_successes
 def _netns_prefix() -> tuple[str, ...] | None:
     """The ``unshare`` command that gives a child an empty network namespace here, or None."""
     for prefix in _unshare_candidates(("-n",)):
@@ -662,7 +924,7 @@ def _netns_prefix() -> tuple[str, ...] | None:
     return None
 
 
-@lru_cache(maxsize=4)
+@_keep_successes
 def _namespace_prefix(network: bool, filesystem: bool) -> tuple[str, ...] | None:
     """The ``unshare`` prefix giving the requested namespaces, probed once per process by
     running the real wrapper (so a mount setup the kernel refuses is found here, not per run)."""
@@ -729,8 +991,14 @@ def _choose_launch(limits: SandboxLimits, python: str) -> _Launch:
     if not weak_requested:
         with _PROBE_LOCK:  # concurrent first runs (synthesis workers) probe once
             launch, why = _bwrap_launch(python)
-        if launch is not None:
+        if launch is not None and (launch.isolation == "bwrap" or limits.allow_weak_isolation):
             return launch
+        if launch is not None:
+            raise SandboxUnavailable(
+                "bubblewrap runs here only as root (isolation 'bwrap-root': the code's uid is root outside "
+                "its namespaces and no process limit applies), which counts as weak isolation: give uid "
+                f"{SANDBOX_UID} read access to the interpreter or install setpriv (util-linux), or set "
+                "sandbox.allow_weak_isolation: true (SandboxLimits(allow_weak_isolation=True))")
         if not limits.allow_weak_isolation:
             raise SandboxUnavailable(
                 f"the code sandbox needs bubblewrap and it cannot run here ({why}); {INSTALL_HINT}. "
@@ -794,30 +1062,54 @@ class _Outcome:
 def _spawn(code: str, limits: SandboxLimits, launch: _Launch, *, python: str | None = None,
            stdin: str | None = None, audit_hook: bool = True) -> SandboxResult:
     """Start one run. ``audit_hook=False`` (tests only) leaves the code with the OS boundary alone."""
-    workdir = tempfile.mkdtemp(prefix="jzsandbox-")
+    _sweep_stale_dirs()
+    bwrap = launch.isolation in ("bwrap", "bwrap-root")
     ready_read, ready_write = os.pipe()
+    host_dir: str | None = None
+    fds: list[int] = []
+    cgroup: str | None = None
     try:
-        script = os.path.join(workdir, "main.py")
-        with open(script, "w", encoding="utf-8") as handle:
-            handle.write(code)
-        if launch.owner_uid is not None:
-            for path in (workdir, script):
-                os.chown(path, launch.owner_uid, launch.owner_uid)
+        if bwrap:
+            # only inside the sandbox (a tmpfs there): nothing to chown, nothing left on the host
+            workdir = f"/tmp/jzsandbox-{secrets.token_hex(6)}"
+            fds = [_memfd("jzsandbox-main.py", code.encode("utf-8")), _memfd("jzsandbox-seccomp", seccomp_filter())]
+        else:
+            workdir = host_dir = tempfile.mkdtemp(prefix=f"jzsandbox-{_owner_tag()}-")
+            with open(os.path.join(workdir, "main.py"), "w", encoding="utf-8") as handle:
+                handle.write(code)
+        script = f"{workdir}/main.py"
         payload = json.dumps({"rlimits": _rlimits(limits, launch.process_limit), "mount_ro": launch.mount_ro,
                               "parent_mount_ns": _mount_namespace() if launch.mount_ro else None,
-                              "audit_hook": audit_hook, "ready_fd": ready_write})
+                              "audit_hook": audit_hook, "ready_fd": ready_write,
+                              "fresh_keyring": _keyctl_number() if bwrap else 0})
         env = _child_env(workdir)
         prefix = list(launch.prefix)
-        if launch.isolation in ("bwrap", "bwrap-root"):
-            prefix = _bwrap_run_args(launch.prefix, workdir, env)
+        drop = launch.popen_drop
+        if bwrap:
+            prefix = _bwrap_run_args(launch.prefix, workdir, env, disk_bytes=limits.max_disk_bytes,
+                                     code_fd=fds[0], seccomp_fd=fds[1])
+            cgroup = _new_run_cgroup(limits)
+            if cgroup is not None:
+                # bwrap starts inside the run's cgroup (as root: moving needs it), then drops
+                setpriv = shutil.which("setpriv")
+                if drop and setpriv:
+                    prefix = [setpriv, f"--reuid={launch.owner_uid}", f"--regid={launch.owner_uid}",
+                              "--clear-groups", "--", *prefix]
+                    drop = False
+                if drop:  # cannot join after the drop: per-process bound only
+                    _remove_cgroup(cgroup)
+                    cgroup = None
+                else:
+                    prefix = ["/bin/sh", "-c", _JOIN_CGROUP_SCRIPT, "join-cgroup", cgroup, *prefix]
         argv = [*prefix, python or sys.executable, "-I", "-B", "-c", _WRAPPER, workdir, payload, script]
-        drop = {"user": launch.owner_uid, "group": launch.owner_uid, "extra_groups": []} if launch.popen_drop else {}
+        user = {"user": launch.owner_uid, "group": launch.owner_uid, "extra_groups": []} if drop else {}
         started = time.monotonic()
         # bwrap itself gets the scrubbed environment too (nothing to read from /proc/<pid>/environ)
         proc = subprocess.Popen(
-            argv, cwd=workdir, env=env, start_new_session=True, pass_fds=(ready_write, *launch.pass_fds),
+            argv, cwd="/" if bwrap else workdir, env=env, start_new_session=True,
+            pass_fds=(ready_write, *fds, *launch.pass_fds),
             stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **drop,  # type: ignore[arg-type]
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **user,  # type: ignore[arg-type]
         )
         os.close(ready_write)
         ready_write = -1
@@ -828,19 +1120,184 @@ def _spawn(code: str, limits: SandboxLimits, launch: _Launch, *, python: str | N
         proc.returncode = exit_code  # reaped by _communicate
         stdout = outcome.stdout.decode("utf-8", errors="replace")
         stderr = outcome.stderr.decode("utf-8", errors="replace")
+        oom_kills = _cgroup_oom_kills(cgroup) if cgroup is not None else 0
         return SandboxResult(
             stdout=stdout, stderr=stderr, exit_code=exit_code, timed_out=outcome.timed_out,
-            killed_by=_killed_by(exit_code, outcome, limits.cpu_seconds, stderr), truncated=outcome.truncated,
+            killed_by=_killed_by(exit_code, outcome, limits.cpu_seconds, oom_kills), truncated=outcome.truncated,
             wall_s=round(wall, 4), network_isolation=launch.network_isolation,
             filesystem_isolation=launch.filesystem_isolation, isolation=launch.isolation,
-            cpu_s=round(outcome.cpu_s, 3),
+            cpu_s=round(outcome.cpu_s, 3), memory_bound="cgroup" if cgroup is not None else "per-process",
         )
     finally:
-        for fd in (ready_read, ready_write):
+        for fd in (ready_read, ready_write, *fds):
             if fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-        shutil.rmtree(workdir, ignore_errors=True)
+        if host_dir is not None:
+            shutil.rmtree(host_dir, ignore_errors=True)
+        if cgroup is not None:
+            _remove_cgroup(cgroup)
+
+
+@lru_cache(maxsize=1)
+def _keyctl_number() -> int:
+    import platform
+
+    return _SYSCALLS[platform.machine()]["keyctl"]
+
+
+_STALE_DIR = re.compile(r"jzsandbox-(?:stage-)?(\d+)-(\d+)-")
+_SWEPT: set[int] = set()
+
+
+def _pid_namespace() -> int:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+def _owner_tag() -> str:
+    """``<pid>-<pid namespace>``: a dir is swept only by a process that can see whether its
+    owner is alive (a /tmp shared with another container holds pids of another namespace)."""
+    return f"{os.getpid()}-{_pid_namespace()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _sweep_stale_dirs() -> None:
+    """Once per process: remove ``jzsandbox-<pid>-<pidns>-*`` temp dirs (weak modes' work dirs, stage
+    dirs) and run cgroups whose owning process is gone (a caller killed by SIGKILL)."""
+    if os.getpid() in _SWEPT:
+        return
+    _SWEPT.add(os.getpid())
+    places = [tempfile.gettempdir()]
+    base = _cgroup_base()
+    if base is not None:
+        places.append(base)
+    for place in places:
+        try:
+            entries = list(os.scandir(place))
+        except OSError:
+            continue
+        for entry in entries:
+            match = _STALE_DIR.match(entry.name)
+            if (not match or int(match.group(2)) != _pid_namespace() or _pid_alive(int(match.group(1)))
+                    or not entry.is_dir(follow_symlinks=False)):
+                continue
+            if place == tempfile.gettempdir():
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.rmdir(entry.path)
+
+
+# ---------------------------------------------------------------- cgroup v2 (the run's memory and pids)
+
+_JOIN_CGROUP_SCRIPT = 'echo $$ > "$1/cgroup.procs" || exit 85; shift; exec "$@"'
+
+
+def _cgroup_base() -> str | None:
+    """This process's cgroup v2 directory when per-run children can get memory and pids limits
+    there (cgroup v2 mounted, both controllers enabled for children, writable), else None."""
+    try:
+        with open("/proc/self/cgroup", encoding="utf-8") as handle:
+            own = next((line[3:].strip() for line in handle if line.startswith("0::")), None)
+        with open("/proc/self/mountinfo", encoding="utf-8") as handle:
+            mounts = [line.split() for line in handle]
+    except OSError:
+        return None
+    point = next((f[4] for f in mounts if "-" in f and f[f.index("-") + 1] == "cgroup2"), None)
+    if own is None or point is None:
+        return None
+    base = os.path.join(point, own.lstrip("/"))
+    try:
+        with open(os.path.join(base, "cgroup.subtree_control"), encoding="utf-8") as handle:
+            enabled = set(handle.read().split())
+    except OSError:
+        return None
+    if not {"memory", "pids"} <= enabled or not os.access(base, os.W_OK):
+        return None
+    return base if base in _CGROUP_JOIN_WORKS or _cgroup_join_works(base) else None
+
+
+_CGROUP_JOIN_WORKS: set[str] = set()  # successes only: a failed probe is tried again next run
+
+
+def _cgroup_join_works(base: str) -> bool:
+    """Whether a child cgroup can be made here and a process started by us can move into it
+    (the same shell step a run uses), checked once by doing it."""
+    path = os.path.join(base, f"jzsandbox-{_owner_tag()}-probe-{secrets.token_hex(4)}")
+    try:
+        os.mkdir(path)
+    except OSError:
+        return False
+    try:
+        out = subprocess.run(["/bin/sh", "-c", _JOIN_CGROUP_SCRIPT, "join-cgroup", path, "cat", "/proc/self/cgroup"],
+                             capture_output=True, text=True, timeout=30, env={"PATH": "/usr/bin:/bin"})
+        joined = out.returncode == 0 and any(
+            line.startswith("0::") and line.rstrip().endswith("/" + os.path.basename(path))
+            for line in out.stdout.splitlines())
+    except (OSError, subprocess.TimeoutExpired):
+        joined = False
+    finally:
+        _remove_cgroup(path)
+    if joined:
+        _CGROUP_JOIN_WORKS.add(base)
+    return joined
+
+
+def _new_run_cgroup(limits: SandboxLimits) -> str | None:
+    """A fresh cgroup for one run: ``memory.max`` = ``memory_bytes`` (tmpfs files count too), no
+    swap, ``pids.max`` = ``max_processes`` (+1 for bwrap's monitor); None where not possible."""
+    base = _cgroup_base()
+    if base is None:
+        return None
+    path = os.path.join(base, f"jzsandbox-{_owner_tag()}-{secrets.token_hex(6)}")
+    try:
+        os.mkdir(path)
+        settings = [("memory.max", limits.memory_bytes), ("pids.max", limits.max_processes + 1)]
+        if os.path.exists(os.path.join(path, "memory.swap.max")):
+            settings.append(("memory.swap.max", 0))
+        for name, value in settings:
+            with open(os.path.join(path, name), "w", encoding="utf-8") as handle:
+                handle.write(str(value))
+    except OSError:
+        _remove_cgroup(path)
+        return None
+    return path
+
+
+def _cgroup_oom_kills(path: str) -> int:
+    """``oom_kill`` from the run's ``memory.events`` (the kernel writes it; the code cannot)."""
+    try:
+        with open(os.path.join(path, "memory.events"), encoding="utf-8") as handle:
+            events = dict(line.split() for line in handle if line.strip())
+        return int(events.get("oom_kill", 0))
+    except (OSError, ValueError):
+        return 0
+
+
+def _remove_cgroup(path: str) -> None:
+    # the run's processes are gone (PID namespace init exited); give the kernel a moment
+    for _ in range(50):
+        try:
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            with contextlib.suppress(OSError), open(os.path.join(path, "cgroup.kill"), "w") as handle:
+                handle.write("1")
+            time.sleep(0.02)
 
 
 def _kill_group(pid: int) -> None:
@@ -967,26 +1424,31 @@ def _exit_code(status: int | None, launch: _Launch) -> int | None:
 _SIGNALS = frozenset(int(s) for s in signal.Signals)
 
 
-def _killed_by(code: int | None, outcome: _Outcome, cpu_limit: int, stderr: str) -> str | None:
+def _killed_by(code: int | None, outcome: _Outcome, cpu_limit: int, oom_kills: int = 0) -> str | None:
+    """Decided from what the code cannot write: the parent's own timer and output count, the
+    ready pipe (closed before the code runs), the kernel's exit status (exit statuses 128-255
+    are refused by the seccomp filter, so bwrap's 128+N is a real signal), the CPU time wait4
+    reports, and the cgroup's ``oom_kill`` count. Never from the code's output."""
     if outcome.timed_out:
         return "timeout"
     if outcome.truncated:
         return "output_limit"
     if not outcome.ready:
         return "sandbox_setup"  # the wrapper never got to the code (bwrap or the wrapper failed)
-    # CPU: the wrapper's SIGXCPU handler exits 87; a program that replaced the handler dies of
-    # SIGKILL at the hard limit, told apart from other kills by its own CPU time (wait4; the
-    # code is PID 1 of its namespace, so bwrap reaps it and the time reaches us).
-    if code == CPU_EXIT_CODE and "sandbox: CPU time limit reached" in stderr:
+    if oom_kills:
+        return "memory"
+    # CPU: the wrapper's SIGXCPU handler exits 87, a program that replaced the handler dies of
+    # SIGKILL at the hard limit; either counts only with the CPU time spent (wait4: the code is
+    # PID 1 of its namespace, so bwrap reaps it and the time reaches us). rusage is sampled at
+    # ticks and reads up to ~10% below the exact runtime the rlimit uses: hence the margin.
+    if code in (CPU_EXIT_CODE, -signal.SIGKILL, -signal.SIGXCPU) and outcome.cpu_s >= cpu_limit * 0.75:
         return "cpu"
-    if code in (-signal.SIGKILL, -signal.SIGXCPU) and outcome.cpu_s >= cpu_limit * 0.9:
-        return "cpu"
-    if code == MEMORY_EXIT_CODE or (code not in (0, None) and "MemoryError" in stderr):
+    # The wrapper's exit for a MemoryError that reached the top (RLIMIT_AS). The code could
+    # raise one itself: it can only make its own run look failed, never passed.
+    if code == MEMORY_EXIT_CODE:
         return "memory"
     if code is not None and code < 0:
         sig = -code
-        if sig in (signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS) and "alloc" in stderr.lower():
-            return "memory"
         try:
             return f"signal:{signal.Signals(sig).name}"
         except ValueError:

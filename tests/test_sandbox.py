@@ -282,7 +282,7 @@ def test_without_bwrap_or_unshare_it_fails_closed_unless_weak_isolation_is_allow
     import models.sandbox as sandbox
 
     def clear() -> None:
-        sandbox._bwrap_launch.cache_clear()
+        sandbox._BWRAP_LAUNCHES.clear()
         sandbox._netns_prefix.cache_clear()
         sandbox._namespace_prefix.cache_clear()
 

@@ -576,3 +576,336 @@ def test_same_containment_when_the_caller_is_unprivileged(scene: Scene) -> None:
     assert scene.accepted == [] and scene.signals == [] and scene.bystander.poll() is None
     assert list(scene.target.parent.iterdir()) == [] and leftover_processes(scene.token) == []
     assert threading.active_count() == threads
+
+
+# ------------------------------------------------------------------ second review (S1-S7)
+
+def kernel_only(code: str, limits: SandboxLimits = LIMITS) -> SandboxResult:
+    """The OS boundary alone, as if the audit hook had been bypassed (cffi, numpy raw memory)."""
+    launch, _ = _bwrap_launch(sys.executable)
+    assert launch is not None
+    return _spawn(code, limits, launch, audit_hook=False)
+
+
+# Raw syscalls through ctypes (the hook is off): each prints NAME RESULT ERRNO.
+SYSCALL_SURVEY = r'''
+import ctypes, os, socket
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+L = ctypes.c_long
+NR = NUMBERS
+def call(name, *args):
+    ctypes.set_errno(0)
+    result = libc.syscall(L(NR[name]), *[L(a) if isinstance(a, int) else a for a in args])
+    print("SYSCALL", name, result, ctypes.get_errno() if result < 0 else 0)
+    return result
+buf = ctypes.create_string_buffer(256)
+call("keyctl", 0, -3, 0)                       # KEYCTL_GET_KEYRING_ID of the session keyring
+call("add_key", ctypes.c_char_p(b"user"), ctypes.c_char_p(b"jz"), ctypes.c_char_p(b"x"), 1, -3)
+call("request_key", ctypes.c_char_p(b"user"), ctypes.c_char_p(b"jz"), None, -3)
+call("io_uring_setup", 4, buf)
+call("userfaultfd", 0)
+call("ptrace", 0, 0, 0, 0)                    # PTRACE_TRACEME
+call("process_vm_readv", os.getpid(), 0, 0, 0, 0, 0)
+call("bpf", 0, 0, 0)
+call("perf_event_open", 0, 0, -1, -1, 0)
+call("mount", None, ctypes.c_char_p(b"/"), None, 32 | 4096, None)
+call("unshare", 0x10000000)                    # CLONE_NEWUSER
+call("setns", 0, 0)
+call("personality", 0x0040000)                 # ADDR_NO_RANDOMIZE
+call("clone", 0x10000000 | 17, 0, 0, 0, 0)     # CLONE_NEWUSER | SIGCHLD
+call("open_by_handle_at", -100, 0, 0)
+call("socket", 2, 1, 0)                        # AF_INET
+call("socket", 16, 3, 0)                       # AF_NETLINK
+call("socketpair", 10, 1, 0, buf)              # AF_INET6
+call("personality", 0xFFFFFFFF)                # query: allowed
+call("socket", 1, 1, 0)                        # AF_UNIX: allowed
+print("STATUS", [l.split()[1] for l in open("/proc/self/status") if l.startswith("Seccomp:")])
+import threading
+t = threading.Thread(target=print, args=("THREAD OK",)); t.start(); t.join()   # clone3 -> clone fallback
+pid = os.fork()                                                            # plain fork still works
+if pid == 0:
+    os._exit(3)
+print("FORK", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+'''
+
+
+def survey_program() -> str:
+    import platform
+
+    from models.sandbox import _SYSCALLS
+
+    return SYSCALL_SURVEY.replace("NUMBERS", repr(_SYSCALLS[platform.machine()]))
+
+
+def test_seccomp_filter_refuses_the_dangerous_syscalls_with_the_hook_bypassed(scene: Scene) -> None:
+    """S1: the audit hook is not the boundary (cffi, numpy ``__array_interface__``): with it off,
+    the kernel's seccomp filter refuses keyrings, io_uring, userfaultfd, ptrace, BPF, perf,
+    mounts, namespaces, non-unix sockets; ordinary threads, forks and unix sockets still work."""
+    threads = threading.active_count()
+    result = kernel_only(survey_program() + scene.program("proc_environ_secret"))
+    calls = {}
+    for line in result.stdout.splitlines():
+        if line.startswith("SYSCALL"):
+            _, name, value, errno = line.split()
+            calls.setdefault(name, []).append((int(value), int(errno)))
+    eperm, eafnosupport = 1, 97
+    for name in ("keyctl", "add_key", "request_key", "io_uring_setup", "userfaultfd", "ptrace", "process_vm_readv",
+                 "bpf", "perf_event_open", "mount", "unshare", "setns", "clone", "open_by_handle_at"):
+        assert calls[name][0] == (-1, eperm), (name, result.stdout)
+    assert calls["personality"][0] == (-1, eperm) and calls["personality"][1][0] >= 0, result.stdout
+    assert calls["socket"][:2] == [(-1, eafnosupport)] * 2 and calls["socket"][2][0] >= 0, result.stdout
+    assert calls["socketpair"] == [(-1, eafnosupport)], result.stdout
+    assert "STATUS ['2']" in result.stdout and "THREAD OK" in result.stdout and "FORK 3" in result.stdout, result
+    assert_contained(scene, result, LIMITS, threads)
+
+
+def test_cffi_is_refused_by_the_hook() -> None:
+    pytest.importorskip("cffi")
+    result = run_python("import cffi\nffi = cffi.FFI()\nprint(ffi.dlopen(None))", LIMITS)
+    assert result.exit_code == 1 and "import of cffi is blocked" in result.stderr, result
+    result = run_python("import _cffi_backend", LIMITS)
+    assert result.exit_code == 1 and "import of _cffi_backend is blocked" in result.stderr, result
+
+
+def test_seccomp_syscall_numbers_match_libseccomp() -> None:
+    """The hand-written tables against libseccomp's own (where libseccomp.so.2 is installed)."""
+    import ctypes
+    import ctypes.util
+
+    from models.sandbox import _AUDIT_ARCH, _SYSCALLS, seccomp_filter
+
+    name = ctypes.util.find_library("seccomp")
+    if name is None:
+        pytest.skip("libseccomp is not installed (Debian libseccomp2)")
+    lib = ctypes.CDLL(name)
+    lib.seccomp_syscall_resolve_name_arch.argtypes = (ctypes.c_uint32, ctypes.c_char_p)
+    for machine, table in _SYSCALLS.items():
+        for call, number in table.items():
+            expected = lib.seccomp_syscall_resolve_name_arch(_AUDIT_ARCH[machine], call.encode())
+            assert expected == number, (machine, call, number, expected)
+        assert len(seccomp_filter(machine)) % 8 == 0
+    with pytest.raises(RuntimeError, match="no seccomp filter for architecture"):
+        seccomp_filter("riscv64")
+
+
+KEYRING_CALLER = r'''
+import ctypes, json, sys
+sys.path.insert(0, sys.argv[1])
+from models.sandbox import SandboxLimits, _bwrap_launch, _spawn, run_python
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+L = ctypes.c_long
+KEYCTL, ADD_KEY = int(sys.argv[2]), int(sys.argv[3])
+def keyctl(*args):
+    return libc.syscall(L(KEYCTL), *[L(a) if isinstance(a, int) else a for a in args])
+def search(description):
+    return keyctl(10, -3, ctypes.c_char_p(b"user"), ctypes.c_char_p(description), 0)  # KEYCTL_SEARCH
+# this (unsandboxed) caller gets a session keyring of its own, as under systemd/docker/pam_keyinit
+assert keyctl(1, None) > 0, ctypes.get_errno()                                      # JOIN_SESSION_KEYRING
+canary = sys.argv[4].encode()
+assert libc.syscall(L(ADD_KEY), ctypes.c_char_p(b"user"), ctypes.c_char_p(b"jztest-canary"),
+                    ctypes.c_char_p(canary), L(len(canary)), L(-3)) > 0
+launch, _ = _bwrap_launch(sys.executable)
+limits = SandboxLimits(wall_seconds=20, cpu_seconds=5)
+runs = [_spawn(sys.argv[5], limits, launch, audit_hook=False) for _ in range(2)]
+print(json.dumps({"runs": [r.stdout + r.stderr for r in runs], "canary_still_here": search(b"jztest-canary") > 0,
+                  "planted": search(b"jztest-planted")}))
+'''
+
+KEYRING_HOSTILE = r'''
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+L = ctypes.c_long
+def keyctl(*args):
+    ctypes.set_errno(0)
+    return libc.syscall(L(KEYCTL), *[L(a) if isinstance(a, int) else a for a in args])
+found = keyctl(10, -3, ctypes.c_char_p(b"user"), ctypes.c_char_p(b"jztest-canary"), 0)
+print("SEARCH", found, ctypes.get_errno())
+buf = ctypes.create_string_buffer(256)
+for key in (found, -3):
+    print("READ", key, keyctl(11, key, buf, 256), buf.raw.rstrip(b"\0"))
+print("SESSION", keyctl(0, -3, 0), ctypes.get_errno())
+planted = libc.syscall(L(ADD_KEY), ctypes.c_char_p(b"user"), ctypes.c_char_p(b"jztest-planted"),
+                       ctypes.c_char_p(b"x"), L(1), L(-3))
+print("ADD", planted, ctypes.get_errno())
+try:
+    print("PROC_KEYS", open("/proc/keys").read())
+except OSError as exc:
+    print("PROC_KEYS refused", exc.errno)
+'''
+
+
+def test_callers_session_keyring_is_neither_readable_nor_writable() -> None:
+    """S2: a caller with a session keyring of its own (systemd, docker, pam_keyinit): the
+    sandboxed code (hook off) cannot find or read its canary key, and two runs leave no key
+    behind for each other or the caller."""
+    import platform
+
+    from models.sandbox import _SYSCALLS
+
+    numbers = _SYSCALLS[platform.machine()]
+    canary = f"jz-keyring-canary-{uuid.uuid4().hex}"
+    hostile = KEYRING_HOSTILE.replace("KEYCTL", str(numbers["keyctl"])).replace("ADD_KEY", str(numbers["add_key"]))
+    out = subprocess.run([sys.executable, "-I", "-c", KEYRING_CALLER, str(REPO), str(numbers["keyctl"]),
+                          str(numbers["add_key"]), canary, hostile], capture_output=True, text=True, timeout=120)
+    if out.returncode != 0 and "AssertionError" in out.stderr:
+        pytest.skip(f"this kernel/container does not give the test process a session keyring: {out.stderr[-300:]}")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout.splitlines()[-1])
+    assert report["canary_still_here"] and report["planted"] == -1, report
+    for output in report["runs"]:
+        assert canary not in output and "jztest-canary" not in output, output
+        assert "SEARCH -1 1" in output and "ADD -1 1" in output, output  # EPERM from the filter
+
+
+CGROUP_HOG = r'''
+import os, time
+kids = []
+for i in range(6):
+    pid = os.fork()
+    if pid == 0:
+        block = bytearray(HALF)
+        for j in range(0, len(block), 4096):
+            block[j] = 1
+        time.sleep(3)
+        os._exit(0)
+    kids.append(pid)
+print("FORKED", len(kids), flush=True)
+statuses = [os.waitstatus_to_exitcode(os.waitpid(k, 0)[1]) for k in kids]
+print("STATUSES", statuses)
+'''
+
+
+def test_memory_bound_is_per_run_under_a_cgroup() -> None:
+    """S3: six forked children each touching memory/2 must not get 3x the limit together.
+    Where cgroup v2 is not writable the result says the bound is per process."""
+    from models.sandbox import _cgroup_base
+
+    limits = SandboxLimits(cpu_seconds=20, wall_seconds=60, memory_bytes=256 << 20, max_processes=16)
+    if _cgroup_base() is None:
+        result = run_python("print(1)", limits)
+        assert result.ok and result.memory_bound == "per-process"
+        pytest.skip("cgroup v2 with memory+pids delegated is not available here: RLIMIT_AS per process")
+    result = kernel_only(CGROUP_HOG.replace("HALF", str(128 << 20)), limits)
+    assert result.memory_bound == "cgroup", result
+    assert result.killed_by == "memory", result
+    statuses = [int(s) for s in result.stdout.split("STATUSES [")[1].split("]")[0].split(",")] \
+        if "STATUSES" in result.stdout else []
+    assert statuses.count(0) <= 2, result.stdout  # at most limit / (memory/2) children finished
+
+
+def test_bwrap_root_is_weak_and_failed_probes_are_not_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    """S4: without setpriv (and an interpreter uid 65534 cannot read) the only bubblewrap left is
+    ``bwrap-root``: that needs allow_weak_isolation. A failed probe is not kept: once the tool is
+    back, the next run gets the full sandbox."""
+    import models.sandbox as sandbox
+
+    real_which = shutil.which
+    sandbox._BWRAP_LAUNCHES.clear()
+    try:
+        monkeypatch.setattr(sandbox.shutil, "which", lambda name, *a, **k: None if name == "bwrap" else
+                            real_which(name, *a, **k))
+        with pytest.raises(sandbox.SandboxUnavailable, match="bubblewrap"):
+            run_python("print(1)", LIMITS)
+        monkeypatch.setattr(sandbox.shutil, "which", real_which)
+        assert run_python("print(1)", LIMITS).ok  # no cached failure
+        if os.geteuid() == 0:
+            sandbox._BWRAP_LAUNCHES.clear()
+            monkeypatch.setattr(sandbox.shutil, "which", lambda name, *a, **k: None if name == "setpriv" else
+                                real_which(name, *a, **k))
+            if isolation_available() == "bwrap":
+                pytest.skip("uid 65534 can read this interpreter: bwrap drops without setpriv")
+            assert isolation_available() == "bwrap-root"
+            with pytest.raises(sandbox.SandboxUnavailable, match="bwrap-root"):
+                run_python("print(1)", LIMITS)
+            weak = run_python("print(1)", SandboxLimits(wall_seconds=10, allow_weak_isolation=True))
+            assert weak.ok and weak.isolation == "bwrap-root", weak
+    finally:
+        monkeypatch.undo()
+        sandbox._BWRAP_LAUNCHES.clear()
+
+
+DISK_FILL = r'''
+import os
+print("MOUNT", [l.split()[-1] for l in open("/proc/self/mountinfo") if l.split()[4] == os.getcwd()])
+total = 0
+try:
+    with open("fill", "wb") as handle:
+        while True:
+            handle.write(b"\0" * (1 << 20)); handle.flush(); total += 1 << 20
+except OSError as exc:
+    print("ERRNO", exc.errno, "TOTAL", total)
+'''
+
+
+def test_disk_writes_fill_a_small_tmpfs_not_the_host_disk() -> None:
+    """S5: the run's only writable place is a tmpfs of max_disk_bytes: writing past it fails
+    inside (ENOSPC), and nothing of the run exists on the host's disk, during or after."""
+    before = set(os.listdir(tempfile.gettempdir()))
+    limits = SandboxLimits(wall_seconds=20, max_disk_bytes=4 << 20, max_file_bytes=64 << 20)
+    result = run_python(DISK_FILL, limits)
+    assert "ERRNO 28" in result.stdout, result  # ENOSPC
+    total = int(result.stdout.split("TOTAL ")[1].split()[0])
+    assert total <= 4 << 20
+    assert "size=4096k" in result.stdout, result.stdout
+    assert {n for n in set(os.listdir(tempfile.gettempdir())) - before if n.startswith("jzsandbox-")} == set()
+
+
+def test_stale_work_dirs_of_dead_callers_are_swept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """S5: a caller SIGKILLed mid-run leaves its ``jzsandbox-<pid>-<pidns>-*`` dirs (weak-mode
+    work dirs, the stage dir); the next process sweeps those of dead pids of its own PID
+    namespace and keeps the rest."""
+    import models.sandbox as sandbox
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    namespace = os.stat("/proc/self/ns/pid").st_ino
+    stale = tmp_path / f"jzsandbox-{gone.pid}-{namespace}-abc"
+    stale_stage = tmp_path / f"jzsandbox-stage-{gone.pid}-{namespace}-abc"
+    live = tmp_path / f"jzsandbox-{os.getpid()}-{namespace}-abc"
+    other_namespace = tmp_path / f"jzsandbox-{gone.pid}-{namespace + 1}-abc"  # its owner's liveness is unknown
+    for path in (stale, stale_stage, live, other_namespace):
+        (path / "sub").mkdir(parents=True)
+        (path / "sub" / "blob").write_bytes(b"x" * 1024)
+    monkeypatch.setattr(sandbox, "_SWEPT", set())
+    assert run_python("print(1)", LIMITS).ok
+    assert not stale.exists() and not stale_stage.exists() and live.exists() and other_namespace.exists()
+
+
+@pytest.mark.parametrize(("code", "forged"), [
+    ("import sys\nprint('MemoryError', file=sys.stderr)\nsys.exit(1)", "memory"),
+    ("import os, sys\nsys.stderr.write('sandbox: CPU time limit reached\\n'); sys.stderr.flush()\nos._exit(87)", "cpu"),
+    ("import sys\nsys.exit(137)", "signal:SIGKILL"),
+    ("import os\nos._exit(137)", "signal:SIGKILL"),
+])
+def test_killed_by_cannot_be_forged_by_the_code(code: str, forged: str) -> None:
+    """S6: what the code prints or the exit status it picks does not decide ``killed_by``:
+    fake CPU/memory messages are ordinary failures, statuses 128-255 are refused by the kernel
+    (SIGSYS), so bwrap's 128+N always means a real signal."""
+    for run in (lambda c: run_python(c, LIMITS), kernel_only):
+        result = run(code)
+        assert not result.ok
+        assert result.killed_by != forged, result
+        if "137" in code:
+            assert result.exit_code == -signal.SIGSYS and result.killed_by == "signal:SIGSYS", result
+        else:
+            assert result.killed_by is None and result.exit_code in (1, 87), result
+
+
+def test_bubblewrap_runs_put_nothing_on_the_host_disk_and_chown_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """S7: the old work dir was chowned to uid 65534 before main.py was written, and ``os.chown``
+    follows symlinks (a host process of that uid could race it). Now a bubblewrap run makes no
+    host directory and changes no owner: the program arrives through a memfd into its tmpfs."""
+    import models.sandbox as sandbox
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"host file operation during a bubblewrap run: {args}")
+
+    sandbox._bwrap_launch(sys.executable)  # probe first (the stage dir is made once, by root)
+    monkeypatch.setattr(sandbox.os, "chown", refuse)
+    monkeypatch.setattr(sandbox.tempfile, "mkdtemp", refuse)
+    result = run_python("import os\nprint(open(__file__).read().startswith('import os'), os.getuid())", LIMITS)
+    assert result.ok and result.stdout == "True 65534\n", result

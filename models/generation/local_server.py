@@ -159,12 +159,13 @@ def is_ready(root_url: str, model: str | None = None) -> bool:
 
 
 def _die_with_parent() -> None:
-    # Linux: SIGTERM the server when the process that started it dies (a killed test run must
-    # not leave a server behind). Runs in the child between fork and exec.
+    # Linux: SIGKILL the server when the process that started it dies (a killed test run must
+    # not leave a server behind). Not SIGTERM: a busy server's graceful shutdown waits for its
+    # in-flight generations, and nobody is left to read them. Runs in the child between fork and exec.
     import ctypes
 
     PR_SET_PDEATHSIG = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def start_server(model_dir: str | Path, port: int = DEFAULT_PORT, *, host: str = "127.0.0.1",

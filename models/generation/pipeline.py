@@ -150,7 +150,7 @@ def sandbox_limits(config: SandboxSettings) -> SandboxLimits:
                          memory_bytes=config.memory_mb << 20, max_output_bytes=config.max_output_kb << 10,
                          network_isolation=config.network_isolation,
                          filesystem_isolation=config.filesystem_isolation,
-                         allow_weak_isolation=config.allow_weak_isolation)
+                         allow_weak_isolation=config.allow_weak_isolation, max_disk_bytes=config.max_disk_mb << 20)
 
 
 def parse_planned(planned: PlannedRequest, text: str | None, finish_reason: str | None,
