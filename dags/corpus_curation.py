@@ -13,7 +13,11 @@ Each task is one Spark job (`spark_jobs/<job>.py`) submitted with `spark-submit`
 for a cluster). Jobs MERGE on stable keys, so retries and reruns change nothing; the tasks
 share the DAG run id, and `report` writes the run's HTML/JSON report to the runs folder.
 Outlets are the produced tables' Assets (`lake.<layer>.<name>`); their events carry the Delta
-version and row count. Settings: `JZLAKE_CONFIG` / `JZLAKE__*` (see `plugins/dag_settings.py`).
+version and row count, and consumers (`influence_selection`) read exactly that version.
+Data-quality gate: after `decontaminate`, its kept fraction and `gold.corpus` row count are checked
+against `quality.stages.decontaminate` (`plugins/quality.py`) before its events are emitted; a
+broken bound fails the run, with the numbers, and no downstream DAG starts.
+Settings: `JZLAKE_CONFIG` / `JZLAKE__*` (see `plugins/dag_settings.py`).
 """
 
 from __future__ import annotations

@@ -15,7 +15,9 @@ Every task is a GPU job (`plugins/gpu_job.py`) running `python -m models.influen
 on the configured backend (`settings.gpu.backend`: a local subprocess or a Kubernetes pod).
 Tasks of one DAG run share the influence run through `--run-name {{ run_id }}`; shards leave
 completion markers, so retries skip finished shards, and the run id is content-addressed, so a
-rerun over an unchanged corpus commits nothing. Runs whenever `gold.corpus` is updated.
+rerun over an unchanged corpus commits nothing. Runs whenever `gold.corpus` is updated, and reads
+it at exactly the version in the triggering asset event (`prepare --input-version N`,
+`plugins/assets.py`), however many writes land before the task starts; a manual run reads the latest.
 """
 
 from __future__ import annotations
@@ -31,11 +33,12 @@ from plugins.spark_submit import dag_default_args
 settings = dag_settings()
 MODULE = "models.influence"
 RUN = ["--run-name", "{{ run_id }}"]
+INPUT = settings.influence.input_table  # gold.corpus
 shards = settings.influence.num_shards
 
 with DAG(
     dag_id="influence_selection",
-    schedule=[table_asset("gold.corpus", settings)],
+    schedule=[table_asset(INPUT, settings)],
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
@@ -44,7 +47,8 @@ with DAG(
     doc_md=__doc__,
 ) as dag:
     prepare = gpu_job_task("prepare", GpuJobSpec(
-        name="influence-prepare", module=MODULE, args=["--phase", "prepare", *RUN]), settings)
+        name="influence-prepare", module=MODULE, args=["--phase", "prepare", *RUN],
+        pins={"--input-version": INPUT}), settings)
     score = sharded_gpu_job_task("score", GpuJobSpec(
         name="influence-score", module=MODULE, args=["--phase", "score", *RUN], num_shards=shards), settings)
     commit = gpu_job_task("commit_select", GpuJobSpec(

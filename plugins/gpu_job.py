@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from jzlake.settings import Settings
 from jzlake.uris import arrow_filesystem
+from plugins.assets import pinned_arguments, record_outlet_versions
 from plugins.gpu_backends import kubernetes_pod_kwargs, run_local
 
 if TYPE_CHECKING:
@@ -96,6 +97,9 @@ class GpuJobSpec(_Model):
     shard_index: int | None = None          # set per mapped task instance
     run_key: str = "{{ run_id }}"           # marker key (templated)
     timeout_s: int | None = None            # default: settings.gpu.timeout_s
+    # flag -> catalogued table: the flag gets the table version named by the run's triggering asset
+    # event (plugins/assets.py), e.g. {"--input-version": "gold.corpus"}; no event, no flag (latest).
+    pins: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("env")
     @classmethod
@@ -118,6 +122,11 @@ class GpuJobSpec(_Model):
 
     def for_shard(self, shard_index: int | None) -> GpuJobSpec:
         return self if shard_index is None else self.model_copy(update={"shard_index": shard_index})
+
+    def pinned(self, context: Any, settings: Settings) -> GpuJobSpec:
+        """This spec with ``pins`` resolved from the DAG run's triggering asset events."""
+        extra = pinned_arguments(self.pins, context, settings) if self.pins else []
+        return self.model_copy(update={"args": [*self.args, *extra]}) if extra else self
 
     def arguments(self) -> list[str]:
         """The job's arguments, with ``--shard-index i --num-shards n`` for a sharded job."""
@@ -229,12 +238,13 @@ class GpuJobOperator(BaseOperator):
 
     def execute(self, context: Context) -> dict[str, Any] | None:
         settings = _resolve_settings(self._settings)
-        spec = self.job_spec()
+        spec = self.job_spec().pinned(context, settings)
         markers = markers_for(settings)
         done = markers.read(spec)
         if done is not None:
             self.log.info("shard %s/%s of %s already finished (marker %s): skipping",
                           spec.shard_index or 0, spec.num_shards, spec.name, markers.path(spec))
+            record_outlet_versions(context, self.outlets, done.get("summary"), warn=self.log.warning, job=spec.name)
             return done.get("summary")
         command = spec.command(settings.gpu.python or sys.executable)
         self.log.info("running %s (secrets by reference: %s)", " ".join(command), [r.env for r in spec.secrets])
@@ -244,6 +254,7 @@ class GpuJobOperator(BaseOperator):
                            on_start=lambda proc: setattr(self, "_proc", proc))
         path = markers.write(spec, result.summary, result.seconds)
         self.log.info("shard finished in %.1fs; marker %s", result.seconds, path)
+        record_outlet_versions(context, self.outlets, result.summary, warn=self.log.warning, job=spec.name)
         return result.summary
 
     def on_kill(self) -> None:
@@ -277,14 +288,20 @@ class GpuKubernetesPodOperator(KubernetesPodOperator):
         if done is not None:
             self.log.info("shard already finished (marker %s): skipping", markers.path(self._rendered_spec()))
             return done.get("summary")
+        pins = pinned_arguments(self.gpu_spec.pins, context, self._gpu_settings) if self.gpu_spec.pins else []
+        self.arguments = [*(self.arguments or []), *pins]
         result = super().execute(context)
         if not self.deferrable:
             markers.write(self._rendered_spec(), result if isinstance(result, dict) else None)
+            record_outlet_versions(context, self.outlets, result if isinstance(result, dict) else None,
+                                   warn=self.log.warning, job=self.gpu_spec.name)
         return result
 
     def trigger_reentry(self, context: Context, event: dict[str, Any]) -> Any:
         result = super().trigger_reentry(context, event)  # raises when the pod failed
         markers_for(self._gpu_settings).write(self._rendered_spec(), result if isinstance(result, dict) else None)
+        record_outlet_versions(context, self.outlets, result if isinstance(result, dict) else None,
+                               warn=self.log.warning, job=self.gpu_spec.name)
         return result
 
 

@@ -27,9 +27,8 @@ standalone master the provider refuses ``env_vars`` — use client mode there.
 from __future__ import annotations
 
 import importlib.util
-import json
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,8 +36,9 @@ from typing import TYPE_CHECKING, Any
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 
 from jzlake.settings import Settings
-from jzlake.uris import arrow_uri
+from plugins.assets import record_outlet_versions
 from plugins.dag_settings import config_file
+from plugins.quality import enforce_stage_quality
 from spark_jobs.session import SUBMIT_OWNED, delta_jars, spark_conf
 
 if TYPE_CHECKING:
@@ -50,7 +50,6 @@ RUN_ID_TEMPLATE = "{{ run_id }}"
 # spark.jars → --jars; spark.driver.memory → --driver-memory (must reach the JVM before it
 # starts); the master and deploy mode come from the Airflow connection.
 NOT_AS_CONF = SUBMIT_OWNED  # the same set get_spark leaves alone under spark-submit
-ASSET_PREFIX = "lake."  # plugins.assets names table Assets lake.<layer>.<name>
 
 
 def pyspark_home() -> Path:
@@ -133,19 +132,6 @@ def _arg_value(args: Sequence[Any], flag: str) -> str | None:
     return items[items.index(flag) + 1] if flag in items[:-1] else None
 
 
-def describe_delta(uri: str) -> dict[str, Any]:
-    """Delta version and row count at ``uri`` (``file://`` or object store), read without a JVM;
-    both ``None`` when no table exists there."""
-    from deltalake import DeltaTable
-    from deltalake.exceptions import TableNotFoundError
-
-    try:
-        table = DeltaTable(arrow_uri(uri).removeprefix("file://"))
-    except TableNotFoundError:
-        return {"version": None, "rows": None}
-    return {"version": table.version(), "rows": table.to_pyarrow_dataset().count_rows()}
-
-
 class LakeSparkSubmitOperator(SparkSubmitOperator):
     """The provider's ``SparkSubmitOperator`` for one lake job, plus:
 
@@ -154,14 +140,19 @@ class LakeSparkSubmitOperator(SparkSubmitOperator):
     * the connection's master is handed to the job as ``SPARK_MASTER``;
     * after the job, its JSON summary (written by ``job_main`` to the run folder) is the task's
       return value (XCom), and every outlet table Asset's event carries the table's Delta
-      version and row count — so consumers see what changed without opening the lake.
+      version and row count — so consumers see what changed without opening the lake, and read
+      exactly that version (``plugins/assets.py``);
+    * before those events, the stage's data-quality bounds (``settings.quality``,
+      ``plugins/quality.py``) are checked: a broken bound fails the task without retry and
+      without events (``check_quality=False`` skips it).
     """
 
     ui_color = "#fdebd0"
 
-    def __init__(self, *, job: str, **kwargs: Any) -> None:
+    def __init__(self, *, job: str, check_quality: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.job = job
+        self.check_quality = check_quality
 
     def execute(self, context: Context) -> dict[str, Any] | None:
         self._require_connection()
@@ -170,8 +161,15 @@ class LakeSparkSubmitOperator(SparkSubmitOperator):
         self._executor_conf(master)
         self._hook = self._get_hook()  # built after env_vars is final: the hook copies it
         super().execute(context)
-        self._annotate_outlets(context)
-        return self._read_summary()
+        summary = self._read_summary()
+        run_id = _arg_value(self.application_args or [], "--run-id")
+        if self.check_quality and run_id is not None:
+            # before the outlet events: a failed check emits none, so no downstream DAG starts
+            checked = enforce_stage_quality(self._job_settings(), run_id, self.job, summary)
+            if checked is not None:
+                self.log.info("data-quality check of %s passed: %s", self.job, checked["metrics"])
+        record_outlet_versions(context, self.outlets, summary, warn=self.log.warning, job=self.job, run_id=run_id)
+        return summary
 
     def _executor_conf(self, master: str) -> None:
         """Executors' Python and code for the connection's master, decided here on the worker that
@@ -220,21 +218,6 @@ class LakeSparkSubmitOperator(SparkSubmitOperator):
         if summary is None:
             self.log.warning("job %s wrote no summary for run %s", self.job, run_id)
         return summary
-
-    def _annotate_outlets(self, context: Context) -> None:
-        run_id = _arg_value(self.application_args or [], "--run-id")
-        for asset in self._table_outlets():
-            extra: dict[str, Any] = {"job": self.job, "run_id": run_id, "table": asset.name[len(ASSET_PREFIX):]}
-            try:
-                extra.update(describe_delta(asset.uri))
-            except Exception as exc:  # an unreadable log must not fail a finished job
-                self.log.warning("could not describe %s at %s: %s", asset.name, asset.uri, exc)
-            context["outlet_events"][asset].extra.update(json.loads(json.dumps(extra, default=str)))
-
-    def _table_outlets(self) -> Iterable[Asset]:
-        from airflow.sdk import Asset
-
-        return [o for o in self.outlets if isinstance(o, Asset) and o.name.startswith(ASSET_PREFIX)]
 
 
 def lake_spark_task(task_id: str, job: str, settings: Settings, *, config: str | None = None,

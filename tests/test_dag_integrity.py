@@ -86,3 +86,35 @@ def test_corpus_curation_shape(dagbag: DagBag) -> None:
     assert produced == {f"lake.{name}" for name in CURATION_TABLES}
     assert dag.catchup is False and dag.max_active_runs == 1
     assert dag.timetable.expression == "0 0 * * 0"  # @weekly
+
+
+def test_corpus_curation_gates_decontaminate_on_data_quality(dagbag: DagBag) -> None:
+    """The decontaminate task checks its bounds (plugins/quality.py) before it emits asset events."""
+    from plugins.dag_settings import dag_settings
+
+    dag = dagbag.dags["corpus_curation"]
+    assert dag.task_dict["decontaminate"].check_quality is True
+    assert "decontaminate" in dag_settings().quality.stages
+
+
+def test_lake_maintenance_shape(dagbag: DagBag) -> None:
+    from plugins.spark_submit import LakeSparkSubmitOperator
+
+    dag = dagbag.dags["lake_maintenance"]
+    assert dag.task_ids == ["maintain"]
+    task = dag.task_dict["maintain"]
+    assert isinstance(task, LakeSparkSubmitOperator) and task.job == "maintenance"
+    assert Path(task.application) == REPO / "spark_jobs" / "maintenance.py"
+    # maintenance is not new data: an outlet here would trigger every downstream DAG daily
+    assert not task.outlets
+    assert dag.catchup is False and dag.max_active_runs == 1
+    assert dag.timetable.expression == "0 0 * * *"  # @daily
+
+
+def test_influence_selection_reads_the_version_in_its_triggering_event(dagbag: DagBag) -> None:
+    dag = dagbag.dags["influence_selection"]
+    assert [asset.name for asset in dag.schedule] == ["lake.gold.corpus"]
+    prepare = dag.task_dict["prepare"]
+    spec = prepare.spec if isinstance(prepare.spec, dict) else prepare.gpu_spec.model_dump()
+    assert spec["pins"] == {"--input-version": "gold.corpus"}
+    assert "--phase" in spec["args"] and "prepare" in spec["args"]
