@@ -1,11 +1,27 @@
 """``jzlake distil``: teacher knowledge distillation → ``gold.kd_dataset`` (+ ``gold.kd_rejected``).
 
+Two KD rounds, as in the paper (``distil.round`` / ``--round``):
+
+* **initialize** — a seeded random sample of ``gold.corpus`` (``distil.initialize_documents``
+  documents: those whose ``hash(initialize_seed, doc_id)`` ranks lowest, so the pick does not
+  depend on row order and a grown corpus keeps most of it);
+* **boost** — ``gold.selected_texts``, the influence stage's pick (``jzlake influence``);
+* ``auto`` (default) — boost when ``gold.selected_texts`` exists, else initialize. The DAG and the
+  demo name the round explicitly; ``auto`` keeps a plain ``jzlake distil`` doing the next useful
+  thing. The synthesizer trains on the union of both rounds' rows.
+
+Each round may spend at most ``distil.round_max_calls.<round>`` teacher calls (default
+initialize 4,650; boost: whatever is left of ``generation.teacher_budget``, 9,300 in all),
+counted on the ledger's keys that round asked first. Rows of ``gold.kd_dataset`` /
+``gold.kd_rejected`` carry ``round``; a sample both rounds would ask for (the same document,
+template and sampling) is asked once and keeps the round that first asked it.
+
 Steps (each rerunnable; a rerun with the same inputs sends nothing and writes nothing):
 
-1. **Input** at a pinned Delta version: ``gold.selected_texts`` (the influence stage's pick)
-   when that table exists, else ``gold.corpus`` (``distil.input_table`` / ``--input`` forces
-   one). A selection without a ``text`` column is joined to ``gold.corpus`` on ``doc_id``.
-   Documents are taken in ``doc_id`` order, up to ``distil.max_documents``.
+1. **Input** at a pinned Delta version: the round's table (``distil.input_table`` / ``--input``
+   forces one, and so the round). A selection without a ``text`` column is joined to
+   ``gold.corpus`` on ``doc_id``. Documents are taken in ``doc_id`` order (after the
+   initialize round's sample), up to ``distil.max_documents``.
 2. **Prompts**: seeded stage choice, excerpt cut, one request per (document, template, sample)
    with lineage (``models/generation/pipeline.py``).
 3. **Generation** through the engine with the ``gold.kd_requests`` ledger and
@@ -41,13 +57,14 @@ Without either flag the batch path blocks: submit (or resume), poll until done, 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from jzlake import catalogue
-from jzlake.lineage import new_run_id
+from jzlake.lineage import new_run_id, stable_hash
 from models.generation.pipeline import (
     SourceDocument,
     batch_states,
@@ -76,11 +93,16 @@ ACCEPTED = "gold.kd_dataset"
 REJECTED = "gold.kd_rejected"
 SELECTED = "gold.selected_texts"
 CORPUS = "gold.corpus"
+Round = Literal["initialize", "boost"]
+ROUND_INPUT: dict[str, str] = {"initialize": CORPUS, "boost": SELECTED}
 
 
 # ---- settings overrides from flags -----------------------------------------------------------
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--round", choices=("auto", "initialize", "boost"),
+                        help="KD round: initialize (seeded sample of gold.corpus) or boost (gold.selected_texts); "
+                             "auto: boost when the selection exists (default: distil.round)")
     parser.add_argument("--input", choices=("auto", SELECTED, CORPUS), help="input table (default: settings)")
     parser.add_argument("--input-version", type=int, help="Delta version of the input (default: latest)")
     parser.add_argument("--max-documents", type=int, help="use at most N documents (doc_id order)")
@@ -104,6 +126,8 @@ def apply_overrides(settings: Settings, args: argparse.Namespace) -> Settings:
 
     distil: dict[str, Any] = {}
     generation: dict[str, Any] = {}
+    if getattr(args, "round", None):
+        distil["round"] = args.round
     if getattr(args, "input", None):
         distil["input_table"] = args.input
     if getattr(args, "max_documents", None) is not None:
@@ -185,10 +209,40 @@ def choose_input(settings: Settings) -> str:
     return CORPUS
 
 
-def read_documents(settings: Settings, table_name: str, version: int | None,
-                   limit: int | None) -> tuple[list[SourceDocument], int, dict[str, Any]]:
+def choose_round(settings: Settings) -> tuple[Round, str]:
+    """``(round, input table)`` for this run (see module docstring); a contradiction between
+    ``distil.round`` and a forced ``distil.input_table`` is an error, not a guess."""
+    from models import lake_io
+
+    config = settings.distil
+    if config.round == "auto":
+        table = choose_input(settings)
+        return ("boost" if table == SELECTED else "initialize"), table
+    table = ROUND_INPUT[config.round]
+    if config.input_table not in ("auto", table):
+        raise ValueError(f"distil round {config.round!r} reads {table}, but distil.input_table is "
+                         f"{config.input_table!r}: drop --input (or pick the round that reads it)")
+    if table == SELECTED and lake_io.current_version(settings, SELECTED) is None:
+        raise RuntimeError(f"distil --round boost reads {SELECTED}, which does not exist yet: run the influence "
+                           "selection first (`jzlake influence`), or distil the initialize round")
+    return config.round, table
+
+
+def seeded_sample(doc_ids: list[str], size: int, seed: int) -> list[str]:
+    """The ``size`` documents whose ``hash(seed, doc_id)`` ranks lowest, in ``doc_id`` order.
+
+    A document's rank depends only on its own id, so the pick is independent of row order and a
+    grown corpus keeps every earlier pick except those displaced by new, lower-ranked ids.
+    """
+    ranked = sorted(set(doc_ids), key=lambda d: (stable_hash(seed, d, length=16), d))
+    return sorted(ranked[:size])
+
+
+def read_documents(settings: Settings, table_name: str, version: int | None, limit: int | None,
+                   sample: tuple[int, int] | None = None) -> tuple[list[SourceDocument], int, dict[str, Any]]:
     """Documents (doc_id order) from the input table at ``version``; a selection without text
-    is joined to ``gold.corpus`` (latest version, recorded)."""
+    is joined to ``gold.corpus`` (latest version, recorded). ``sample = (size, seed)`` first
+    takes a seeded random sample (``seeded_sample``), then ``limit`` applies."""
     from models import lake_io
 
     columns = catalogue.table(table_name).column_names
@@ -197,6 +251,8 @@ def read_documents(settings: Settings, table_name: str, version: int | None,
     info: dict[str, Any] = {"input_table": table_name, "input_version": read_version}
     data = rows.to_pydict()
     ids = sorted(set(data["doc_id"]))
+    if sample is not None:
+        ids = seeded_sample(ids, *sample)
     if limit is not None:
         ids = ids[:limit]
     if "text" not in data:
@@ -210,6 +266,43 @@ def read_documents(settings: Settings, table_name: str, version: int | None,
         raise RuntimeError(f"{len(missing)} selected doc_ids (e.g. {missing[:3]}) are not in {CORPUS}; rerun "
                            "the selection against the current corpus")
     return [SourceDocument(d, *by_id[d]) for d in ids], read_version, info
+
+
+# ---- per-round teacher budget -------------------------------------------------------------------
+
+def ledger_rounds(ledger: Any) -> dict[str, str]:
+    """Key → the KD round whose plan first wrote it to the ledger (its stored lineage)."""
+    data = ledger.read(["key", "lineage"]).to_pydict()
+    rounds = {}
+    for key, lineage in zip(data.get("key", []), data.get("lineage", []), strict=True):
+        found = json.loads(lineage).get("round") if lineage else None
+        if found:
+            rounds[key] = found
+    return rounds
+
+
+def round_calls(ledger: Any, model: str, kd_round: str) -> int:
+    """Teacher calls ``model`` spent on the keys ``kd_round`` asked first (ledger accounting)."""
+    mine = {key for key, found in ledger_rounds(ledger).items() if found == kd_round}
+    return sum(entry.spend().calls for key, entry in ledger.state().items() if key in mine and entry.model == model)
+
+
+def round_allowance(total_cap: int | None, spent_total: int, round_cap: int | None, spent_round: int) -> int | None:
+    """The ledger-wide ``max_calls`` that lets this run spend what both the total cap and the
+    round's cap still allow: ``spent_total + min(total left, round left)`` (None: no cap at all)."""
+    left = [cap - spent for cap, spent in ((total_cap, spent_total), (round_cap, spent_round)) if cap is not None]
+    return None if not left else spent_total + max(0, min(left))
+
+
+def with_round_cap(settings: Settings, spent_total: int, spent_round: int, round_cap: int | None) -> Settings:
+    """Settings whose ``generation.teacher_budget.max_calls`` also enforces the round's cap (the
+    engine's ``budget_for`` builds the Budget from it, seeded with the ledger's spend)."""
+    caps = settings.generation.teacher_budget
+    allowed = round_allowance(caps.max_calls, spent_total, round_cap, spent_round)
+    if allowed == caps.max_calls:
+        return settings
+    capped = caps.model_copy(update={"max_calls": allowed})
+    return settings.model_copy(update={"generation": settings.generation.model_copy(update={"teacher_budget": capped})})
 
 
 # ---- the stage ---------------------------------------------------------------------------------
@@ -233,18 +326,21 @@ def distil(settings: Settings, run_id: str | None = None, *, input_version: int 
     teacher = choose_teacher(settings, environ)
     (log.warning if teacher.local else log.info)("distil: %s", teacher.note)
 
-    table_name = choose_input(settings)
-    documents, version, input_info = read_documents(settings, table_name, input_version, config.max_documents)
+    kd_round, table_name = choose_round(settings)
+    sample = (config.initialize_documents, config.initialize_seed) if kd_round == "initialize" else None
+    documents, version, input_info = read_documents(settings, table_name, input_version, config.max_documents,
+                                                    sample)
     templates = templates_for(settings.prompts, settings.home)
     plan = plan_requests(
         documents, model=teacher.model, templates=templates, prompts=settings.prompts,
         cot_sampling=config.cot_sampling, tool_sampling=config.tool_sampling,
         samples_per_prompt=config.samples_per_prompt,
-        lineage={"model_uri": teacher.model_uri, "model_version": teacher.model_version, **input_info},
+        lineage={"model_uri": teacher.model_uri, "model_version": teacher.model_version, "round": kd_round,
+                 **input_info},
     )
     requests = [p.request for p in plan.requests]
-    log.info("distil: %d documents from %s@v%d → %d requests (%s skipped)", plan.documents, table_name,
-             version, len(requests), dict(plan.skipped))
+    log.info("distil %s round: %d documents from %s@v%d → %d requests (%s skipped)", kd_round, plan.documents,
+             table_name, version, len(requests), dict(plan.skipped))
 
     settings = with_served_models(settings, teacher.served_models)
     backend = make_backend(settings)
@@ -252,7 +348,10 @@ def distil(settings: Settings, run_id: str | None = None, *, input_version: int 
         raise ValueError(f"--no-wait/--collect defer a Batch API batch, but the backend is {backend.name!r}: "
                          "use --backend openai-batch (generation.backend)")
     ledger = Ledger.open(settings, LEDGER, run_id=run_id, backend=backend.name)
-    budget = budget_for(settings, ledger, backend.name)
+    round_cap = config.round_max_calls.model_dump()[kd_round]
+    round_spent = round_calls(ledger, teacher.model, kd_round)
+    budget = budget_for(with_round_cap(settings, ledger.spent(teacher.model).calls, round_spent, round_cap),
+                        ledger, backend.name)
     batches: list[dict[str, Any]] | None = None
     if not requests:
         report = None
@@ -269,6 +368,9 @@ def distil(settings: Settings, run_id: str | None = None, *, input_version: int 
     done = {**existing_outcomes(settings, ACCEPTED), **existing_outcomes(settings, REJECTED)}
     rows = sample_rows(plan, answers, prompts=settings.prompts, limits=sandbox_limits(settings.sandbox),
                        run_id=run_id, skip_keys=set(done))
+    asked_first = ledger_rounds(ledger)
+    for row in rows:  # the round that first asked for the key (the ledger's pending row says which)
+        row["round"] = asked_first.get(row["request_key"], kd_round)
     written = write_samples(settings, rows, ACCEPTED, REJECTED)
 
     outcome = {k: r for k, r in done.items() if k in keys} | {r["request_key"]: r["reason"] for r in rows}
@@ -278,7 +380,10 @@ def distil(settings: Settings, run_id: str | None = None, *, input_version: int 
         rejected[ABANDONED] += abandoned
     not_sent = len(keys) - statuses.get(SUCCEEDED, 0) - failed - abandoned
     reconcile(len(keys), accepted, rejected, failed, not_sent)
-    extra: dict[str, Any] = {**input_info, "teacher": teacher.model, "teacher_is_local": teacher.local}
+    extra: dict[str, Any] = {"round": kd_round, **input_info, "teacher": teacher.model,
+                             "teacher_is_local": teacher.local,
+                             "round_calls": {"spent_before": round_spent, "cap": round_cap,
+                                             "spent_after": round_calls(ledger, teacher.model, kd_round)}}
     if batches is not None:
         extra.update(batch_mode=batch_mode, batches=batches,
                      awaiting_batch=statuses.get("submitted", 0) + statuses.get("submitting", 0))

@@ -25,15 +25,21 @@ input version, the shard count and the prompt/sampling settings — so a rerun (
 Airflow task) finds its own staged shards and skips them. ``spark_jobs/synthetic_filter.py``
 then filters, deduplicates and decontaminates into ``gold.synthetic_problems``.
 
-The synthesizer (``synthesis.model``):
+The synthesizer (``synthesis.model`` / ``--model``; an explicit value always wins):
 
+* unset — the registry: ``models:/jiuzhang-synthesizer@champion`` (``synthesis.registered_model``)
+  when the evaluation gate has promoted one, else ``@challenger`` (the latest ``jzlake train
+  synthesizer``) when ``synthesis.allow_challenger`` (on in the embedded default until the gate
+  exists; off = fail closed), else an error naming ``jzlake train synthesizer``;
 * a local model directory — served under ``generation.synthesizer_model`` (its path goes to
   ``generation.served_models``; a ``transformers serve``/vLLM server over that directory, or the
   in-process ``transformers``/``vllm`` backends);
-* an MLflow ``models:/name@alias`` (or ``runs:/``) URI — downloaded to the model cache by
-  ``models.registry.resolve_model_path`` (the training stage registers the synthesizer there);
-* anything else (or unset → ``generation.synthesizer_model``) — a model name served at
-  ``generation.base_url`` by any OpenAI-compatible server.
+* an MLflow ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` URI — the alias is read once,
+  and the version's files are fetched into the model cache and sha256-checked against its
+  manifest by ``models.registry``; rows carry ``model_uri = models:/NAME/VERSION`` and
+  ``model_version = VERSION`` (a moved alias gives a new content-addressed run id);
+* a ``runs:/`` URI — downloaded to the model cache;
+* anything else — a model name served at ``generation.base_url`` by any OpenAI-compatible server.
 """
 
 from __future__ import annotations
@@ -79,15 +85,42 @@ class Synthesizer:
     served_models: dict[str, str]
 
 
+def registered_synthesizer(settings: Settings) -> str:
+    """``models:/NAME/VERSION`` of the registry's synthesizer: ``@champion``, else ``@challenger``
+    when ``synthesis.allow_challenger``; a clear error naming the stage that registers it."""
+    from models import registry
+
+    name = settings.synthesis.registered_model
+    champion = registry.get_by_alias(settings, name, "champion")
+    if champion is not None:
+        return champion.uri
+    challenger = registry.get_by_alias(settings, name, "challenger")
+    if challenger is not None and settings.synthesis.allow_challenger:
+        log.warning("synthesize: no %s@champion yet; using %s@challenger (%s) because synthesis.allow_challenger "
+                    "is on", name, name, challenger.uri)
+        return challenger.uri
+    found = (f"only {challenger.uri} (alias challenger), and synthesis.allow_challenger is off: promote it "
+             "through the evaluation gate or allow the challenger") if challenger is not None else \
+        "no version at all: train and register one with `jzlake train synthesizer`"
+    raise LookupError(f"synthesize: no synthesizer model — models:/{name}@champion is not in the registry "
+                      f"({registry.tracking_uri(settings)}), {found}; or pass --model (a model directory, "
+                      "a models:/ URI or a served model name)")
+
+
 def resolve_synthesizer(settings: Settings) -> Synthesizer:
     """Which model synthesizes, under which name, from where (see module docstring)."""
     config = settings.generation
-    configured = settings.synthesis.model
+    configured = settings.synthesis.model or registered_synthesizer(settings)
     served = dict(config.served_models)
-    if not configured:
-        return Synthesizer(config.synthesizer_model, config.base_url, None, served)
     directory: str | None = None
-    if configured.startswith(("models:/", "runs:/")):
+    registered_version: str | None = None
+    if configured.startswith("models:/"):
+        from models import registry
+
+        model = registry.resolve_model_version(settings, configured)  # an alias is read once, here
+        directory = str(registry.load_verified(settings, model))
+        configured, registered_version = model.uri, model.version
+    elif configured.startswith("runs:/"):
         from models.registry import resolve_model_path
 
         directory = str(resolve_model_path(settings, configured))
@@ -102,8 +135,8 @@ def resolve_synthesizer(settings: Settings) -> Synthesizer:
 
     resolved = str(Path(directory).resolve())
     served[config.synthesizer_model] = resolved
-    version = weights_sha256(Path(resolved))[:16]
-    uri = configured if configured.startswith("models:/") else f"file://{resolved}"
+    version = registered_version or weights_sha256(Path(resolved))[:16]
+    uri = configured if configured.startswith(("models:/", "runs:/")) else f"file://{resolved}"
     return Synthesizer(config.synthesizer_model, uri, version, served)
 
 
@@ -125,7 +158,8 @@ def content_run_id(settings: Settings, synthesizer: Synthesizer, input_version: 
 # ---- flags ------------------------------------------------------------------------------------
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="local model dir, models:/name@alias, or a served model name")
+    parser.add_argument("--model", help="local model dir, models:/NAME@ALIAS or /VERSION, or a served model name "
+                        "(default: synthesis.model, else the registry's synthesizer @champion)")
     parser.add_argument("--shard-index", type=int, help="run only this shard (default: every open shard)")
     parser.add_argument("--num-shards", type=int, help="number of shards (default: synthesis.num_shards)")
     parser.add_argument("--input-version", type=int, help="gold.corpus Delta version (default: latest)")

@@ -187,7 +187,11 @@ def test_synthesizer_resolution(tmp_path: Path) -> None:
                              mlflow={"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"})
     with pytest.raises(Exception, match="jiuzhang-synthesizer"):
         resolve_synthesizer(registry)
-    settings = make_settings(tmp_path)
+    # No --model and nothing registered: the error names the stage that makes the synthesizer.
+    unregistered = make_settings(tmp_path, mlflow={"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"})
+    with pytest.raises(Exception, match="jzlake train synthesizer"):
+        resolve_synthesizer(unregistered)
+    settings = make_settings(tmp_path, synthesis={"model": "jiuzhang-synthesizer"})
     default = resolve_synthesizer(settings)
     assert content_run_id(settings, default, 4, 2) == content_run_id(settings, default, 4, 2)
     assert content_run_id(settings, default, 4, 2) != content_run_id(settings, default, 5, 2)

@@ -450,7 +450,8 @@ def test_synthesize_shard_completes_when_a_key_is_abandoned(tmp_path: Path, monk
         pytest.skip("embedded sample missing")
     settings = make_settings(tmp_path, generation={"max_attempts_per_key": 2},
                              prompts={"tool_fraction": 0.0, "min_excerpt_chars": 100},
-                             synthesis={"num_shards": 1, "cot_sampling": {"max_tokens": 16}})
+                             synthesis={"model": "jiuzhang-synthesizer", "num_shards": 1,
+                                        "cot_sampling": {"max_tokens": 16}})
     docs = [{"doc_id": f"{source}:{hashlib.sha256(text.encode()).hexdigest()[:12]}", "source": source,
              "text": text, "quality_score": 0.5, "math_density": 0.1, "n_words": len(text.split()),
              "run_id": "test-corpus"} for source, text in texts]
