@@ -26,8 +26,9 @@ a SIGKILL can lose at most the calls in flight — which the ledger still counts
 and which are the only keys a rerun may send a second time.
 
 ``run_batch_generation`` is the same contract for the Batch API, where the send is a batch:
-the batch id is written to the ledger before any polling, and a rerun resumes stored batches
-instead of submitting them again.
+its keys are claimed (``submitting``) before the upload — keys another live run holds are
+skipped —, the batch id is written to the ledger before any polling, and a rerun resumes stored
+batches instead of submitting them again.
 
 Also runnable: ``python -m models.generation.engine --requests FILE.jsonl ...`` (one request per
 line, ``GenerationRequest.to_dict`` form); the last stdout line is the JSON report.
@@ -50,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 from models.generation.budget import Budget, Reservation, shard_allowances
 from models.generation.ledger import (
     ABANDONED,
+    CLAIM_LOST,
     DONE,
     FAILED,
     IN_BATCH,
@@ -90,6 +92,8 @@ class GenerationReport:
     failed: int = 0
     abandoned: int = 0  # keys that failed for the last allowed time in this run (also in ``failed``)
     not_sent_budget: int = 0
+    not_sent_lease: int = 0  # claimed, but the lease left was shorter than the request timeout: not sent
+    claims_lost: int = 0  # answered, but another run had taken the key over (its lease expired): not ours
     unanswered: int = 0  # sent, but the backend ended without an answer (left pending)
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -113,7 +117,9 @@ class GenerationReport:
     warnings: list[str] = field(default_factory=list)
 
     def add(self, response: GenerationResponse, cost: float, status: str | None = None) -> None:
-        if response.ok:
+        if status == CLAIM_LOST:  # paid, but the key's row is another run's now: neither done nor failed here
+            self.claims_lost += 1
+        elif response.ok:
             self.succeeded += 1
         else:
             if status == ABANDONED:
@@ -287,8 +293,10 @@ class _Dispatcher:
     """
 
     def __init__(self, todo: list[GenerationRequest], ledger: Ledger, budget: Budget, report: GenerationReport,
-                 window: int | None, group: int) -> None:
+                 window: int | None, group: int, request_timeout_s: float | None = None) -> None:
         self.todo = iter(todo)
+        self.request_timeout_s = request_timeout_s
+        self.refused: list[GenerationRequest] = []  # claimed, not sent: the lease left was too short
         self.ledger, self.budget, self.report = ledger, budget, report
         self.window, self.group = window, max(1, group)
         self.reservations: dict[str, Reservation] = {}
@@ -315,8 +323,29 @@ class _Dispatcher:
                 if not self._dispatch(free):
                     return
                 continue
+            if not self._lease_covers(request):
+                with self.cond:
+                    self.outstanding -= 1
+                    self.refused.append(request)
+                continue
             self.report.sent += 1
             yield request
+
+    def _lease_covers(self, request: GenerationRequest) -> bool:
+        """A claimed request goes out only if its lease outlasts the request timeout (renewed once if not):
+        a send must never still be running when another run may take the key over."""
+        if self.request_timeout_s is None:
+            return True
+        left = self.ledger.lease_remaining(request.key)
+        if left is None or left >= self.request_timeout_s:
+            return True
+        self.ledger.renew_leases()
+        left = self.ledger.lease_remaining(request.key)
+        if left is not None and left >= self.request_timeout_s:
+            return True
+        log.warning("key %s not sent: %.0fs left on this run's lease, shorter than the request timeout "
+                    "(%.0fs); the lease could not be renewed", request.key[:12], left or 0.0, self.request_timeout_s)
+        return False
 
     def _dispatch(self, count: int) -> bool:
         """Reserve and claim up to ``count`` requests (one commit). False when none is left to send."""
@@ -363,8 +392,10 @@ class _Dispatcher:
     def take_unsent(self) -> list[GenerationRequest]:
         """Requests reserved and marked but never handed out (call after the backend stopped)."""
         with self.cond:
-            unsent = list(self.ready)
+            unsent = [*self.refused, *self.ready]
+            self.report.not_sent_lease = len(self.refused)
             self.ready.clear()
+            self.refused.clear()
         return unsent
 
 
@@ -401,10 +432,21 @@ def run_generation(requests: Iterable[GenerationRequest], backend: Backend, ledg
             log.warning(message)
             report.warnings.append(message)
     write_through = ledger.resolve_write_through(any(budget.is_paid(m) for m in models), remote=remote)
+    if ledger.override_warning:
+        report.warnings.append(ledger.override_warning)
+    timeout = getattr(backend, "timeout_s", None) if write_through else None
+    if timeout is not None and ledger.lease_s < timeout:
+        ledger.close()
+        raise ValueError(f"generation.ledger_lease_s ({ledger.lease_s:g}s) is shorter than the request timeout "
+                         f"({timeout:g}s, generation.request_timeout_s): another run could take a key over while "
+                         "its request is still running, and pay for it twice. Raise the lease (default 900) or "
+                         "lower the timeout; nothing was sent")
     concurrent = getattr(backend, "pulls_concurrently", False)
     window = int(getattr(backend, "concurrency", 1)) if write_through and concurrent else None
     group = window or int(getattr(backend, "batch_size", 1) or 1)
-    dispatcher = _Dispatcher(todo, ledger, budget, report, window, group)
+    dispatcher = _Dispatcher(todo, ledger, budget, report, window, group, timeout)
+    if write_through:
+        ledger.start_heartbeat()  # renews this run's leases while its requests are in flight
     hooks: dict[str, Any] = {"before_retry": dispatcher.before_retry} if concurrent else {}
     if concurrent and _accepts(backend.generate, "possibly_billed"):
         hooks["possibly_billed"] = dispatcher.possibly_billed
@@ -447,7 +489,13 @@ def run_generation(requests: Iterable[GenerationRequest], backend: Backend, ledg
             ledger.cancel_sending(unsent)
         finally:
             ledger.close()
-    report.not_sent_budget = len(todo) - report.sent - report.skipped_claimed
+    report.not_sent_budget = len(todo) - report.sent - report.skipped_claimed - report.not_sent_lease
+    if report.claims_lost:
+        message = (f"{report.claims_lost} answers not recorded: another run took their keys over after this "
+                   "run's lease (generation.ledger_lease_s) expired — they were paid twice; they are counted "
+                   "in claims_lost, not in succeeded")
+        log.warning(message)
+        report.warnings.append(message)
     return _finish(report, ledger, budget, started)
 
 
@@ -479,10 +527,18 @@ def run_batch_generation(requests: Iterable[GenerationRequest], backend: OpenAIB
             fresh.append(request)
     metadata = {"jzlake_ledger": ledger.table.full_name, "jzlake_run_id": ledger.run_id, **(metadata or {})}
     reservations: dict[str, Reservation] = {}
+    not_uploaded: list[GenerationRequest] = []  # claimed by this run, not in an uploaded file yet
+    ledger.start_heartbeat()  # an upload of a big file may take a while: the claims stay this run's
     try:
         report.batches_resumed = len(submitted)
-        # Uploaded but the batch id never reached the ledger: find the batch, or create it once.
+        # Uploaded but the batch id never reached the ledger: take the claim over (its run is dead
+        # or its lease expired), then find the batch, or create it once.
         for file_id, group in uploaded.items():
+            taken, held = ledger.claim(group, None, status=SUBMITTING)
+            if held:  # another live run is creating this file's batch (or took some keys): leave it
+                ledger.cancel_sending([r for r, _ in taken])
+                report.skipped_claimed += len(group)
+                continue
             batch_id = backend.find_batch_for_file(file_id)
             if batch_id is None:
                 batch_id = backend.create(file_id, metadata)
@@ -496,24 +552,31 @@ def run_batch_generation(requests: Iterable[GenerationRequest], backend: OpenAIB
                 reservation = budget.reserve(request, count_call=False, force=True)
                 assert reservation is not None
                 reservations[request.key] = reservation
-        accepted: list[GenerationRequest] = []
-        for request in fresh:
-            reservation = budget.reserve(request)
-            if reservation is None:
-                break
-            reservations[request.key] = reservation
-            accepted.append(request)
-        report.not_sent_budget = len(fresh) - len(accepted)
+        # Fresh keys: claimed (``submitting``, one conditional commit per batch) before the upload, so
+        # no online run and no second Batch run sends them too; keys another live run holds are skipped.
         size = max(1, backend.max_requests_per_batch)
-        for start in range(0, len(accepted), size):
-            chunk = accepted[start:start + size]
-            file_id = backend.upload(chunk)
-            ledger.mark_batch(chunk, SUBMITTING, input_file_id=file_id, calls=1)
-            batch_id = backend.create(file_id, metadata)
-            ledger.mark_batch(chunk, SUBMITTED, input_file_id=file_id, batch_id=batch_id)  # before any poll
-            submitted[batch_id] = chunk
-            report.batches_created += 1
-            report.sent += len(chunk)
+        skipped_fresh = 0
+        for start in range(0, len(fresh), size):
+            claimed, held = ledger.claim(fresh[start:start + size], budget, status=SUBMITTING)
+            skipped_fresh += len(held)
+            chunk = [request for request, _ in claimed]
+            for request, reservation in claimed:
+                if reservation is not None:
+                    reservations[request.key] = reservation
+            if chunk:
+                not_uploaded = chunk
+                file_id = backend.upload(chunk)
+                ledger.mark_batch(chunk, SUBMITTING, input_file_id=file_id)
+                not_uploaded = []
+                batch_id = backend.create(file_id, metadata)
+                ledger.mark_batch(chunk, SUBMITTED, input_file_id=file_id, batch_id=batch_id)  # before any poll
+                submitted[batch_id] = chunk
+                report.batches_created += 1
+                report.sent += len(chunk)
+            if budget.exhausted:
+                break
+        report.skipped_claimed += skipped_fresh
+        report.not_sent_budget = len(fresh) - report.sent - skipped_fresh
         report.batches = sorted(submitted)
         if wait:
             for batch_id, group in submitted.items():
@@ -522,13 +585,17 @@ def run_batch_generation(requests: Iterable[GenerationRequest], backend: OpenAIB
     finally:
         for reservation in reservations.values():
             budget.release(reservation)
-        ledger.close()
+        try:
+            ledger.cancel_sending(not_uploaded)  # claimed, never uploaded: claimable again at once
+        finally:
+            ledger.close()
     return _finish(report, ledger, budget, started)
 
 
 def _batch_ledger(ledger: Ledger) -> None:
-    # The Batch API needs no write-through: what is paid for is the batch, whose id ``mark_batch``
-    # writes at once, and its results stay downloadable — so results are recorded buffered.
+    # The Batch API needs no write-through for answers: what is paid for is the batch, claimed before
+    # the upload and whose id ``mark_batch`` writes at once, and its results stay downloadable — so
+    # results are recorded buffered.
     ledger.write_through_mode = False
 
 

@@ -5,9 +5,13 @@ and sample index). Status moves ``pending → [sending →] succeeded | failed |
 backends and ``pending → submitting → submitted → succeeded | failed`` for the Batch API. A run
 reads the ledger first and never sends a key that succeeded or was abandoned, nor (online) a key
 held by a submitted, unfinished batch (``run_generation(cancel_batches=...)`` cancels those first).
+A Batch API run claims its keys (``submitting``, the same conditional commit as an online claim)
+before it uploads them: it skips keys a live online run holds, and a second Batch run started on
+the same keys skips them too (then resumes the first one's stored batch).
 
-Two durability modes (``generation.ledger_write_through``; ``auto`` = on for models with a
-non-zero price, and always for a remote endpoint or an API key in use — see the engine):
+Two durability modes (``generation.ledger_write_through``; always write-through for a model with a
+non-zero price, a remote endpoint or an API key in use, whatever the setting — a loopback gateway
+such as a LiteLLM proxy can front a paid API; ``false`` is then overridden with a warning):
 
 * **write-through** — a key is *claimed* before it is sent: one conditional UPDATE per group of
   requests dispatched together sets ``sending``, ``calls``/``attempts`` + 1, the reserved worst
@@ -18,14 +22,22 @@ non-zero price, and always for a remote endpoint or an API key in use — see th
   conflict), and the claim is re-decided on a fresh read. So two processes never both claim a key:
   only claimed keys are sent. Spend is summed from the durable rows at every claim (every run's
   reservations included) and checked again whenever another writer committed between the read and
-  the claim, so the caps hold across processes (see ``claim``). A ``sending`` key of a claimant that
-  is dead (its process is gone on this host, or its lease expired) is claimable again; its lost
-  call stays counted. Every retry is one more claimed call at the worst case, committed before it
-  goes out; every answer is committed before the engine lets its worker slot send again. A SIGKILL
-  therefore loses nothing that was paid for: each answered key is recorded (never re-sent) and each
-  call in flight is still counted on reopen; those keys — at most ``concurrency`` — are the only
-  ones a rerun may send a second time. Cost: two small commits per request — UPDATEs that rewrite
-  one of the 16 ``key_bucket`` partitions (``make bench-synthesis`` reports them).
+  the claim, so the caps hold across processes (see ``claim``). The claimant id names its process
+  by boot id, PID-namespace inode, pid and start time (``process_identity``). A ``sending`` key is
+  taken over only from a claimant *provably dead* — same boot and PID namespace, and its pid gone
+  or reused (another start time) — or, when its liveness cannot be known (another host or
+  namespace), after its lease expired; a claimant provably alive on this host is never taken over.
+  The lease (``generation.ledger_lease_s``) is renewed every lease/3 while the run holds keys (one
+  conditional UPDATE for all of them, conflict-tolerant: ``start_heartbeat``), must be at least the
+  request timeout, and a request is not sent when less than its timeout is left. An answer whose
+  claim was taken over meanwhile is not written and is reported lost (``claims_lost``), not
+  succeeded. A lost call stays counted. Every retry is one more claimed call at the worst case,
+  committed before it goes out (and renews the lease); every answer is committed before the
+  engine lets its worker slot send again. A SIGKILL therefore loses nothing that was paid for:
+  each answered key is recorded (never re-sent) and each call in flight is still counted on
+  reopen; those keys — at most ``concurrency`` — are the only ones a rerun may send a second time.
+  Cost: two small commits per request — UPDATEs that rewrite one of the 16 ``key_bucket``
+  partitions (``make bench-synthesis`` reports them) — plus one lease renewal per lease/3.
 * **buffered** (free local models, mass synthesis) — no claims; answers are MERGEd every
   ``flush_every`` rows or ``flush_seconds`` seconds (a background timer flushes while no answer
   arrives). A killed process loses at most the unflushed buffer: those keys are still pending or
@@ -36,8 +48,10 @@ Either way a succeeded row is never overwritten, so two writers cannot turn a su
 failure, and a key has exactly one row. A commit that conflicts is retried with exponential
 backoff and jitter up to ``generation.ledger_commit_deadline_s``; an answer that still cannot be
 committed is *spilled* to a local file (``<runs_dir>/ledger_spill/<table>/``) and committed by the
-next run's start instead of being bought again. Text that UTF-8 cannot hold (a lone surrogate in a
-reply) is stored with U+FFFD in its place and the row flagged (``flags``).
+next run's start instead of being bought again — line by line: a damaged line (a crash mid-append)
+is quarantined to a ``.bad`` file with a warning naming it, and a ``.committing-`` file left by a
+recoverer that died is taken over. Text that UTF-8 cannot hold (a lone surrogate in a reply) is
+stored with U+FFFD in its place and the row flagged (``flags``).
 
 A key whose sends failed ``max_failures`` times (``generation.max_attempts_per_key``; a 4xx such
 as "context too long" fails every time) becomes ``abandoned`` and is never sent again, so its shard
@@ -91,6 +105,9 @@ PENDING, SENDING, SUBMITTING, SUBMITTED = "pending", "sending", "submitting", "s
 SUCCEEDED, FAILED, ABANDONED = "succeeded", "failed", "abandoned"
 STATUSES = (PENDING, SENDING, SUBMITTING, SUBMITTED, SUCCEEDED, FAILED, ABANDONED)
 DONE = (SUCCEEDED, ABANDONED)  # never sent again
+DEAD, ALIVE, UNKNOWN = "dead", "alive", "unknown"  # what a claim's holder is known to be
+# ``record``'s outcome when this run's claim was taken over before its answer could be written
+CLAIM_LOST = "claim_lost"
 IN_BATCH = (SUBMITTING, SUBMITTED)  # held by a Batch API batch: not sent online
 KEY_BUCKET_CHARS = 1  # partitions by the key's first hex digit: 16 partitions
 COMMIT_BACKOFF_S = (0.02, 2.0)  # first and largest step of the commit retries' backoff
@@ -105,6 +122,8 @@ _STATE_COLUMNS = ["key", "status", "model", "attempts", "calls", "failures", "ba
 _HOST = socket.gethostname()
 # Ledgers of this process that may hold claims (a claim of this pid whose ledger is gone is dead).
 _LIVE_CLAIMANTS: weakref.WeakValueDictionary[str, Ledger] = weakref.WeakValueDictionary()
+_RECOVERY_LOCK = threading.Lock()  # one spill recovery at a time in this process
+SPILL_QUIET_S = 60.0  # a spill file of a writer whose liveness is unknown is recovered after this quiet time
 
 
 class LedgerCommitError(RuntimeError):
@@ -148,33 +167,107 @@ def sanitise_text(value: str) -> tuple[str, bool]:
     return cleaned, count > 0
 
 
+def _read_text(path: str) -> str:
+    try:
+        with open(path, encoding="ascii") as handle:
+            return handle.read().strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+
+
+def process_start_ticks(pid: int) -> str:
+    """Field 22 of ``/proc/<pid>/stat`` (start time in clock ticks since boot); "" when unreadable.
+
+    The command name (field 2) may hold spaces and parentheses: fields are counted after its last ``)``.
+    """
+    fields = _read_text(f"/proc/{pid}/stat").rpartition(")")[2].split()
+    return fields[19] if len(fields) > 19 else ""
+
+
+def _pid_namespace() -> str:
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return ""
+
+
+_BOOT_ID = _read_text("/proc/sys/kernel/random/boot_id")
+_OWN_IDENTITY: dict[int, str] = {}  # pid -> identity (recomputed in a forked child)
+
+
+def process_identity() -> str:
+    """``<boot id>.<pid namespace inode>.<pid>.<start ticks>``: names this process on this booted host.
+
+    Pids are compared only when boot id and PID namespace match (a container on the same node, even
+    with the same hostname, has another namespace); the start time tells a reused pid from the
+    original. A part that cannot be read (no ``/proc``) is left empty, and then nothing is provable.
+    """
+    pid = os.getpid()
+    identity = _OWN_IDENTITY.get(pid)
+    if identity is None:
+        identity = _OWN_IDENTITY[pid] = ".".join((_BOOT_ID, _pid_namespace(), str(pid), process_start_ticks(pid)))
+    return identity
+
+
+def _provable(identity: str) -> bool:
+    parts = identity.split(".")
+    return len(parts) == 4 and all(parts) and parts[2].isdigit()
+
+
+def process_state(identity: str | None) -> str:
+    """``dead``, ``alive`` or ``unknown`` for a ``process_identity`` written by some process.
+
+    ``dead`` only when it ran on this boot of this host, in this PID namespace, and its pid is gone
+    or now belongs to a process started at another time (pid reuse); ``alive`` when that pid still
+    has its start time; anything else (another host or namespace, an identity without these parts,
+    a pid whose start time cannot be read) is ``unknown``: the lease decides.
+    """
+    own = process_identity()
+    if not identity or not _provable(identity) or not _provable(own):
+        return UNKNOWN
+    boot, namespace, pid_text, started = identity.split(".")
+    if [boot, namespace] != own.split(".")[:2]:
+        return UNKNOWN
+    pid = int(pid_text)
+    now_started = process_start_ticks(pid)
+    if now_started:
+        return ALIVE if now_started == started else DEAD
+    try:  # stat unreadable (``hidepid``): only a missing pid is proof
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return DEAD
+    except OSError:
+        return UNKNOWN
+    return UNKNOWN
+
+
 def claimant_id(run_id: str) -> str:
-    """``<run id>@<host>#<pid>#<random>``: unique per ledger object, says where its process runs."""
-    return f"{run_id}@{_HOST}#{os.getpid()}#{uuid.uuid4().hex[:8]}"
+    """``<run id>@<host>#<random>#<process identity>``: unique per ledger object, names its process."""
+    return f"{run_id}@{_HOST}#{uuid.uuid4().hex[:8]}#{process_identity()}"
+
+
+def claimant_state(claim_id: str | None) -> str:
+    """Whether a claim's holder is ``dead``, ``alive`` or ``unknown`` (then only its lease decides).
+
+    A claim of this process is alive while its ledger object is open (a closed or dropped ledger's
+    claims are dead); a claim with no holder (a row written before claims existed) is dead; a claim
+    of another process is judged by ``process_state`` — a pid check alone would call a live process
+    in another PID namespace dead. Claims written before identities were recorded are ``unknown``.
+    """
+    if not claim_id:
+        return DEAD
+    if claim_id in _LIVE_CLAIMANTS:
+        return ALIVE
+    identity = claim_id.rpartition("#")[2] if "@" in claim_id else ""
+    own = process_identity()
+    if identity == own and _provable(own):
+        return DEAD  # ours, and no open ledger of this process holds it
+    return process_state(identity)
 
 
 def claimant_alive(claim_id: str | None) -> bool:
-    """Whether the claimant may still be running: ``False`` only when provably dead.
-
-    On this host: a claim of another pid is dead when that process is gone; a claim of this pid is
-    dead when its ledger object was closed or dropped. Another host: unknown (the lease decides).
-    """
-    if not claim_id or "@" not in claim_id:
-        return False  # a ``sending`` row written before claims existed: nobody holds it
-    host, _, rest = claim_id.rpartition("@")[2].partition("#")
-    pid_text = rest.partition("#")[0]
-    if host != _HOST or not pid_text.isdigit():
-        return True
-    pid = int(pid_text)
-    if pid == os.getpid():
-        return claim_id in _LIVE_CLAIMANTS
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
+    """Whether the claimant may still be running: ``False`` only when provably dead."""
+    return claimant_state(claim_id) != DEAD
 
 
 def _sql_literal(value: Any) -> str:
@@ -261,10 +354,15 @@ class Ledger:
         self._writer: Any = None  # DeltaTable kept for writes (refreshed incrementally)
         self._known_version: int | None = None  # the version the in-memory state is exact at
         self._bucketed = False  # the table is partitioned by key_bucket (ledgers created before: not)
+        self.override_warning: str | None = None  # set when a paid model overrode write_through = false
+        self._held: set[str] = set()  # keys this run holds by a durable claim, not yet answered / submitted
+        self._heartbeat: threading.Thread | None = None
+        self._stop_heartbeat = threading.Event()
         _LIVE_CLAIMANTS[self.claim_id] = self
         self.stats = {"flushes": 0, "rows_written": 0, "flush_seconds": 0.0, "record_seconds": 0.0,
                       "commits": 0, "commit_seconds": 0.0, "marker_commits": 0, "commit_conflicts": 0,
-                      "claim_rereads": 0, "spilled": 0, "spills_recovered": 0, "claims_lost": 0}
+                      "claim_rereads": 0, "spilled": 0, "spills_recovered": 0, "claims_lost": 0,
+                      "spill_lines_quarantined": 0, "lease_renewals": 0, "lease_renewal_conflicts": 0}
 
     @classmethod
     def open(cls, settings: Settings, table_name: str = "gold.kd_requests", **kwargs: Any) -> Ledger:
@@ -287,17 +385,27 @@ class Ledger:
         return self.write_through_mode is True
 
     def resolve_write_through(self, paid: bool, remote: bool = False) -> bool:
-        """Settle the mode: a remote endpoint or an API key in use (``remote``) is always written
-        through; ``auto`` is otherwise on for paid models. Returns the mode in force."""
-        if remote and self.write_through_mode is not True:
-            log.info("ledger %s: write-through (a remote endpoint or an API key is in use; "
-                     "generation.ledger_write_through = %s does not apply)", self.table.full_name,
-                     self.write_through_mode)
+        """Settle the mode: a paid (priced) model, a remote endpoint or an API key in use is always
+        written through, whatever ``generation.ledger_write_through`` says (a loopback gateway such
+        as a LiteLLM proxy can front a paid teacher); ``false`` then logs a warning (kept in
+        ``override_warning``). Otherwise ``auto`` is buffered. Returns the mode in force."""
+        self.override_warning = None
+        if (paid or remote) and self.write_through_mode is not True:
+            reason = "a priced (paid) model" if paid else "a remote endpoint or an API key"
+            if self.write_through_mode is False:
+                self.override_warning = (
+                    f"ledger {self.table.full_name}: written through because {reason} is in use — "
+                    "generation.ledger_write_through = false is overridden (a buffered ledger could pay twice "
+                    "for answers lost in a crash)")
+                log.warning(self.override_warning)
+            else:
+                log.info("ledger %s: write-through (generation.ledger_write_through = auto, %s)",
+                         self.table.full_name, reason)
             self.write_through_mode = True
         elif self.write_through_mode == "auto":
-            self.write_through_mode = bool(paid)
-            log.info("ledger %s: %s (generation.ledger_write_through = auto, %s model)", self.table.full_name,
-                     "write-through" if paid else "buffered", "a paid" if paid else "no paid")
+            self.write_through_mode = False
+            log.info("ledger %s: buffered (generation.ledger_write_through = auto, no paid model, local endpoint)",
+                     self.table.full_name)
         return self.write_through
 
     # ---- reading ---------------------------------------------------------------------------
@@ -421,14 +529,24 @@ class Ledger:
         statuses = self.read(["status"]).column("status").to_pylist()
         return {status: statuses.count(status) for status in sorted(set(statuses))}
 
-    def claimable(self, entry: LedgerEntry | None, now: datetime | None = None) -> bool:
-        """Whether a write-through run may claim (and send) this key now."""
+    def claimable(self, entry: LedgerEntry | None, now: datetime | None = None,
+                  takeover: tuple[str, ...] = (SENDING,)) -> bool:
+        """Whether this run may claim (and send) this key now.
+
+        A key another run holds (status in ``takeover``: ``sending``, and for the Batch API also
+        ``submitting``) is taken over only from a claimant that is provably dead, or whose lease
+        expired when its liveness cannot be known (another host or PID namespace). A claimant
+        provably alive on this host keeps its keys whatever its lease says (it may be stopped or
+        swapping, and would still send).
+        """
         if entry is None or entry.status in (PENDING, FAILED):
             return True
-        if entry.status != SENDING or entry.claim_id == self.claim_id:
+        if entry.status not in takeover or entry.claim_id == self.claim_id:
             return False  # done, in a batch, or already ours
-        expired = entry.lease_expires_at is not None and entry.lease_expires_at <= (now or utc_now())
-        return expired or not claimant_alive(entry.claim_id)
+        holder = claimant_state(entry.claim_id)
+        if holder != UNKNOWN:
+            return holder == DEAD
+        return entry.lease_expires_at is not None and entry.lease_expires_at <= (now or utc_now())
 
     # ---- rows ------------------------------------------------------------------------------
 
@@ -518,15 +636,19 @@ class Ledger:
         for model in set(models):
             budget.sync_spent(model, totals.get(model, Spend()))
 
-    def claim(self, requests: Sequence[GenerationRequest], budget: Budget
-              ) -> tuple[list[tuple[GenerationRequest, Reservation]], list[GenerationRequest]]:
+    def claim(self, requests: Sequence[GenerationRequest], budget: Budget | None, *, status: str = SENDING
+              ) -> tuple[list[tuple[GenerationRequest, Reservation | None]], list[GenerationRequest]]:
         """Reserve the worst case of ``requests`` in ``budget`` and claim them for this run.
 
         Returns the claimed requests with their reservations (in order, up to the first the budget
         refuses) and the requests skipped because another live run holds them, they were finished
-        meanwhile or a batch holds them. Buffered: the claim is memory only.
+        meanwhile or a batch holds them. Buffered online runs: the claim is memory only.
 
-        Write-through, every attempt: (1) read the latest version (spend from durable rows,
+        ``status``: ``sending`` (online) or ``submitting`` (a Batch API run, always durable: it
+        claims before uploading, so no online run or second Batch run sends the same keys). With
+        ``budget=None`` nothing is reserved or counted (a Batch run taking over an uploaded file).
+
+        Durable claims, every attempt: (1) read the latest version (spend from durable rows,
         every run's reservations included, synced into ``budget``); (2) reserve; (3) one
         conditional UPDATE on that same snapshot — a conflicting concurrent commit makes delta-rs
         refuse it, and we go back to (1) after a backoff; (4) if other commits landed between (1)
@@ -536,15 +658,21 @@ class Ledger:
         """
         from deltalake.exceptions import CommitFailedError
 
-        if not self.write_through:
-            accepted = []
+        assert status in (SENDING, SUBMITTING), status
+        if not self.write_through and status == SENDING:
+            assert budget is not None
+            accepted: list[tuple[GenerationRequest, Reservation | None]] = []
             for request in requests:
                 reservation = budget.reserve(request)
                 if reservation is None:
                     break
                 accepted.append((request, reservation))
-            self.mark_sending([(r, res.tokens, res.usd) for r, res in accepted])
+            self.mark_sending([(r, res.tokens, res.usd) for r, res in accepted if res is not None])
             return accepted, []
+        takeover = (SENDING,) if status == SENDING else (SENDING, SUBMITTING)
+        # Online claims sync the caps from every run's durable spend; a Batch run keeps the budget it
+        # was seeded with (its batches in flight are reserved there, not in the rows).
+        sync = budget is not None and status == SENDING
         deadline = time.monotonic() + self.commit_deadline_s
         models = {r.model for r in requests}
         attempt = 0
@@ -552,25 +680,27 @@ class Ledger:
             attempt += 1
             with self._write_lock:
                 version = self._refresh()
-                self._sync_budget(budget, models)
+                if sync:
+                    self._sync_budget(budget, models)
                 now = utc_now()
                 state = self.state()
-                skipped = [r for r in requests if not self.claimable(state.get(r.key), now)]
+                skipped = [r for r in requests if not self.claimable(state.get(r.key), now, takeover)]
                 accepted = []
                 for request in requests:
-                    if not self.claimable(state.get(request.key), now):
+                    if not self.claimable(state.get(request.key), now, takeover):
                         continue
-                    reservation = budget.reserve(request)
-                    if reservation is None:
-                        break
+                    reservation = None
+                    if budget is not None:
+                        reservation = budget.reserve(request)
+                        if reservation is None:
+                            break
                     accepted.append((request, reservation))
                 if not accepted:
                     return [], skipped
                 try:
-                    self._commit_claims(accepted, version)
+                    self._commit_claims(accepted, version, status)
                 except CommitFailedError as exc:
-                    for _, reservation in accepted:
-                        budget.release(reservation)
+                    self._release(budget, accepted)
                     self._writer, self._known_version = None, None
                     self.stats["commit_conflicts"] += 1
                     if time.monotonic() > deadline:
@@ -579,9 +709,9 @@ class Ledger:
                             f"{self.commit_deadline_s}s of commit conflicts (generation.ledger_commit_deadline_s); "
                             f"nothing was sent: {exc}") from exc
                 else:
-                    if self._writer.version() == version + 1:
-                        self._known_version = version + 1  # ours was the only commit: the state is exact
-                        return accepted, skipped
+                    if self._writer.version() == version + 1 or not sync:
+                        self._known_version = version + 1 if self._writer.version() == version + 1 else None
+                        return accepted, skipped  # ours was the only commit: the state is exact
                     self._refresh()  # others committed in between: is a cap now exceeded?
                     self._sync_budget(budget, models)
                     over = next((m for m in (budget.over_cap(m) for m in models) if m), None)
@@ -589,29 +719,46 @@ class Ledger:
                         return accepted, skipped
                     log.info("claim given back (%s); retrying", over)
                     self.cancel_sending([r for r, _ in accepted])
-                    for _, reservation in accepted:
-                        budget.release(reservation)
+                    self._release(budget, accepted)
                     if time.monotonic() > deadline:  # other runs keep taking the rest of the cap
                         budget.exhausted = budget.exhausted or over
                         return [], skipped
             time.sleep(_backoff(attempt, self._rng))
 
-    def _commit_claims(self, accepted: Sequence[tuple[GenerationRequest, Reservation]], version: int) -> None:
+    @staticmethod
+    def _release(budget: Budget | None, accepted: Sequence[tuple[GenerationRequest, Reservation | None]]) -> None:
+        for _, reservation in accepted:
+            if budget is not None and reservation is not None:
+                budget.release(reservation)
+
+    def _claimed_entry(self, entry: LedgerEntry, reservation: Reservation | None, status: str,
+                       lease: datetime) -> LedgerEntry:
+        """``entry`` as this run's claim: an online send counts a call, an attempt and its worst case;
+        a batch counts the call it will be (its tokens are settled when collected); a takeover counts nothing."""
+        claimed = replace(entry, status=status, claim_id=self.claim_id, lease_expires_at=lease)
+        if reservation is not None:
+            claimed.calls += 1
+            if status == SENDING:
+                claimed.attempts += 1
+                claimed.spent_tokens += reservation.tokens
+                claimed.spent_usd += reservation.usd
+        return claimed
+
+    def _commit_claims(self, accepted: Sequence[tuple[GenerationRequest, Reservation | None]], version: int,
+                       status: str = SENDING) -> None:
         """The conditional UPDATE of a claim, on the snapshot ``version`` the decision was read from."""
         now = utc_now()
         lease = now + timedelta(seconds=self.lease_s)
         rows, conditions = [], {}
+        what = ("in flight" if status == SENDING else "being submitted to the Batch API")
         with self._state_lock:
             for request, reservation in accepted:
                 entry = self._entry(request)
                 conditions[request.key] = self._as_read(entry)
                 self._before_send[request.key] = replace(entry)
-                claimed = replace(entry, status=SENDING, calls=entry.calls + 1, attempts=entry.attempts + 1,
-                                  spent_tokens=entry.spent_tokens + reservation.tokens,
-                                  spent_usd=entry.spent_usd + reservation.usd, claim_id=self.claim_id,
-                                  lease_expires_at=lease)
-                rows.append(self._row(request, SENDING, now, claimed, error=(
-                    f"in flight since {now:%Y-%m-%d %H:%M:%S} UTC (run {self.run_id}); counted at its "
+                claimed = self._claimed_entry(entry, reservation, status, lease)
+                rows.append(self._row(request, status, now, claimed, error=(
+                    f"{what} since {now:%Y-%m-%d %H:%M:%S} UTC (run {self.run_id}); counted at its "
                     "reserved worst case until the answer is recorded")))
         started = time.perf_counter()
         try:
@@ -625,14 +772,10 @@ class Ledger:
             raise RuntimeError(f"ledger {self.table.full_name}: a claim of {len(rows)} keys updated {updated} rows "
                                f"at version {version}; the ledger state was read from another snapshot")
         with self._state_lock:
-            for request, _ in accepted:
-                state_entry = self._entry(request)
-                before = self._before_send[request.key]
-                reservation = next(res for r, res in accepted if r.key == request.key)
-                state_entry.status, state_entry.claim_id, state_entry.lease_expires_at = SENDING, self.claim_id, lease
-                state_entry.calls, state_entry.attempts = before.calls + 1, before.attempts + 1
-                state_entry.spent_tokens = before.spent_tokens + reservation.tokens
-                state_entry.spent_usd = before.spent_usd + reservation.usd
+            for request, reservation in accepted:
+                self.state()[request.key] = self._claimed_entry(self._before_send[request.key], reservation,
+                                                                status, lease)
+                self._held.add(request.key)
         self._count_commit(started, len(rows), marker=True)
 
     @staticmethod
@@ -749,8 +892,9 @@ class Ledger:
                 if before is None:
                     continue
                 self.state()[request.key] = before
-                if self.write_through:
+                if self.write_through or request.key in self._held:  # a durable claim: undo it durably
                     rows.append(self._row(request, before.status, now, before))
+                self._held.discard(request.key)
         if rows:
             self._write_now(rows, marker=True, held=True)
 
@@ -799,7 +943,14 @@ class Ledger:
             self.state()[request.key] = entry
         self.stats["record_seconds"] += time.perf_counter() - started  # writes are timed by themselves
         if self.write_through:
-            self._write_now([row], held=True, spill=True)
+            written = self._write_now([row], held=True, spill=True)
+            with self._state_lock:
+                self._held.discard(request.key)
+                if not written:  # another run took the key over (its lease expired): not ours to report
+                    self.state()[request.key] = replace(current, claim_id=None)
+                    self._known_version = None
+            if not written:
+                return CLAIM_LOST
         else:
             with self._buffer_lock:
                 self._buffer[request.key] = row
@@ -810,11 +961,13 @@ class Ledger:
         return entry.status
 
     def mark_batch(self, requests: Iterable[GenerationRequest], status: str, *, input_file_id: str,
-                   batch_id: str | None = None, calls: int = 0) -> None:
-        """Durably note that ``requests`` were uploaded (``submitting``) or submitted in a batch.
+                   batch_id: str | None = None, calls: int = 0) -> int:
+        """Durably note that ``requests`` (claimed ``submitting`` by this run) were uploaded
+        (``submitting`` + file id) or submitted in a batch (``submitted`` + batch id).
 
-        Written immediately (not buffered): this row is what lets a crashed task resume the same
-        batch instead of paying for a second one.
+        Written immediately (not buffered), and only where this run's claim still holds: this row
+        is what lets a crashed task resume the same batch instead of paying for a second one.
+        Returns the rows written (fewer: another run took keys over after this run's lease).
         """
         assert status in (SUBMITTING, SUBMITTED), status
         now = utc_now()
@@ -825,9 +978,11 @@ class Ledger:
                 entry.status, entry.batch_id, entry.batch_input_file_id = status, batch_id, input_file_id
                 entry.calls += calls
                 rows.append(self._row(request, status, now, entry))
+                self._before_send.pop(request.key, None)  # uploaded: no longer undone by cancel_sending
+                if status == SUBMITTED:
+                    self._held.discard(request.key)  # the batch holds them now; the lease has done its job
         self.flush()
-        if rows:
-            self._write_now(rows)
+        return self._write_now(rows, held=True) if rows else 0
 
     def _count_commit(self, started: float, rows: int, marker: bool = False) -> None:
         self.stats["commits"] += 1
@@ -837,15 +992,14 @@ class Ledger:
 
     def _write_now(self, rows: list[dict[str, Any]], marker: bool = False, held: bool = False,
                    spill: bool = False) -> int:
-        """UPDATE the rows of keys the ledger holds (add_pending ran first); returns rows updated.
+        """UPDATE the rows of keys the ledger holds (add_pending ran first); returns rows updated (or spilled).
 
         ``held``: only rows this ledger still claims (a claim lost to an expired lease is not
         overwritten: the new claimant's reservation stays counted). ``spill``: a commit that cannot
         be made within the deadline goes to the spill file instead of raising.
         """
         started = time.perf_counter()
-        conditions = ({row["key"]: f"`claim_id` = {_sql_literal(self.claim_id)}" for row in rows}
-                      if held and self.write_through else None)
+        conditions = {row["key"]: f"`claim_id` = {_sql_literal(self.claim_id)}" for row in rows} if held else None
         with self._write_lock:  # never concurrently with a background flush
             try:
                 updated = self._update(rows, conditions)
@@ -853,7 +1007,7 @@ class Ledger:
                 if not spill or self.spill_dir is None:
                     raise
                 self._spill(rows, exc)
-                return 0
+                return len(rows)  # kept: committed by the next start
             if updated != len(rows):
                 self.stats["claims_lost"] += len(rows) - updated
                 log.warning("ledger %s: %d of %d rows not written — the key succeeded meanwhile or another "
@@ -879,39 +1033,98 @@ class Ledger:
                     "start", self.table.full_name, type(error).__name__, str(error)[:200], len(rows), path)
 
     def recover_spills(self) -> int:
-        """Commit answers an earlier run spilled (claims that still hold; a success is final). Returns rows."""
+        """Commit answers earlier runs spilled (where their claims still hold; a success is final).
+
+        Each spill file is renamed to ``<name>.committing-<process identity>`` first (one recoverer
+        per file); a ``.committing-`` file left by a recoverer that died is taken over. A line that
+        is not a whole ledger row (a crash mid-append, a damaged file) is moved to ``<name>.bad``
+        with a warning naming it; the other lines are committed. Files of a claimant (or recoverer)
+        provably alive are left alone; of one whose liveness is unknown, until they have been quiet
+        for ``SPILL_QUIET_S``. Returns the unique keys recovered.
+        """
         if self.spill_dir is None or not self.spill_dir.is_dir():
             return 0
-        recovered = 0
-        for path in sorted(self.spill_dir.glob("*.jsonl")):
-            owner = self._spill_owner(path)
-            if owner != self.claim_id and claimant_alive(owner):
-                continue  # a live run's spill: it still holds those keys
-            taken = path.with_suffix(f".committing-{os.getpid()}")
-            try:
-                path.rename(taken)  # one recoverer per file
-            except FileNotFoundError:
-                continue
-            rows = [_json_restore(json.loads(line)) for line in taken.read_text(encoding="utf-8").splitlines()
-                    if line.strip()]
-            latest = {row["key"]: row for row in rows}  # the last answer spilled per key
-            with self._write_lock:
-                self._merge(list(latest.values()), held_only=True)
-            taken.unlink()
-            recovered += len(latest)
-            log.info("ledger %s: committed %d spilled answers from %s", self.table.full_name, len(latest), path)
-        if recovered:
-            self.stats["spills_recovered"] += recovered
+        keys: set[str] = set()
+        own = process_identity()
+        with _RECOVERY_LOCK:  # in this process, a ``.committing-<own>`` file is nobody's work in progress
+            for path in sorted(self.spill_dir.glob("*.jsonl")):
+                owner = self._spill_owner(path)
+                if owner != self.claim_id and not self._spill_free(path, claimant_state(owner)):
+                    continue  # a live run's spill: it still holds those keys
+                keys |= self._take_and_commit(path, path.name, own)
+            for path in sorted(self.spill_dir.glob("*.committing-*")):
+                base, _, identity = path.name.rpartition(".committing-")
+                state = DEAD if identity == own else process_state(identity)
+                if self._spill_free(path, state):
+                    keys |= self._take_and_commit(path, base, own)
+        if keys:
+            self.stats["spills_recovered"] += len(keys)
             with self._state_lock:
                 self._entries = None
             self._known_version = None
-        return recovered
+        return len(keys)
+
+    @staticmethod
+    def _spill_free(path: Path, state: str) -> bool:
+        """Whether a spill file may be committed by this run (its writer is not, or no longer, at work)."""
+        if state == UNKNOWN:
+            try:
+                return time.time() - path.stat().st_mtime > SPILL_QUIET_S
+            except FileNotFoundError:
+                return False
+        return state == DEAD
+
+    def _take_and_commit(self, path: Path, base: str, own: str) -> set[str]:
+        taken = path.with_name(f"{base}.committing-{own}")
+        try:
+            if path != taken:
+                path.rename(taken)  # one recoverer per file
+        except FileNotFoundError:
+            return set()  # another recoverer took it
+        rows, bad = self._read_spill(taken)
+        if bad:
+            quarantine = taken.with_name(f"{base.removesuffix('.jsonl')}.bad")
+            with quarantine.open("a", encoding="utf-8") as out:
+                out.writelines(line + "\n" for line in bad)
+            self.stats["spill_lines_quarantined"] += len(bad)
+            log.warning("ledger %s: %d damaged lines of spill file %s (not a whole ledger row: a crash "
+                        "mid-append?) moved to %s; their keys are sent again unless another run recorded them",
+                        self.table.full_name, len(bad), base, quarantine)
+        latest = {row["key"]: row for row in rows}  # the last answer spilled per key
+        if latest:
+            with self._write_lock:
+                self._merge(list(latest.values()), held_only=True)
+        taken.unlink()
+        log.info("ledger %s: committed %d spilled answers from %s", self.table.full_name, len(latest), base)
+        return set(latest)
+
+    def _read_spill(self, path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+        """The whole rows of a spill file and the lines that are not (undecodable, cut, wrong types)."""
+        import pyarrow as pa
+
+        schema = self.table.arrow_schema()
+        rows, bad = [], []
+        for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
+            if not line.strip():
+                continue
+            try:
+                row = _json_restore(json.loads(line))
+                if not (isinstance(row.get("key"), str) and row.get("status") in STATUSES):
+                    raise ValueError("no key or status")
+                pa.Table.from_pylist([row], schema=schema)  # every value fits its column
+            except (ValueError, TypeError, AttributeError, pa.ArrowException):
+                bad.append(line)
+                continue
+            rows.append(row)
+        return rows, bad
 
     def _spill_owner(self, path: Path) -> str | None:
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                return json.loads(line).get("claim_id")
-        return None
+        """The claim id of a spill file's writer (from its first whole row)."""
+        try:
+            rows, _ = self._read_spill(path)
+        except FileNotFoundError:
+            return None
+        return rows[0].get("claim_id") if rows else None
 
     def flush(self) -> int:
         """Write the buffered rows now (one MERGE). Returns how many rows were written."""
@@ -1027,6 +1240,79 @@ class Ledger:
                     raise
                 time.sleep(_backoff(attempt, self._rng))
 
+    # ---- leases: renewed while this run holds keys -------------------------------------------
+
+    def lease_remaining(self, key: str) -> float | None:
+        """Seconds left on this run's lease of ``key`` (``None``: not a durable claim of this run)."""
+        with self._state_lock:
+            entry = (self._entries or {}).get(key)
+            if entry is None or entry.claim_id != self.claim_id or entry.lease_expires_at is None:
+                return None
+            return (entry.lease_expires_at - utc_now()).total_seconds()
+
+    def renew_leases(self, attempts: int = 3) -> int:
+        """Extend the lease of every key this run holds: one conditional UPDATE for all of them.
+
+        Conflict-tolerant: on a commit conflict it retries ``attempts`` times with a short backoff,
+        then gives up until the next heartbeat (the lease still has two thirds left). Uses its own
+        table object, so it never waits for (or blocks) the claims and answers. Returns rows renewed.
+        """
+        from deltalake.exceptions import CommitFailedError
+
+        with self._state_lock:
+            held = sorted(self._held)
+        if not held:
+            return 0
+        lease = utc_now() + timedelta(seconds=self.lease_s)
+        predicate = (f"`claim_id` = {_sql_literal(self.claim_id)} "
+                     f"AND `status` IN ({_sql_literal(SENDING)}, {_sql_literal(SUBMITTING)})")
+        if self._bucketed:
+            buckets = sorted({key_bucket(k) for k in held})
+            predicate = f"`key_bucket` IN ({', '.join(_sql_literal(b) for b in buckets)}) AND {predicate}"
+        for attempt in range(1, attempts + 1):
+            try:
+                metrics = self._delta().update({"`lease_expires_at`": _sql_literal(lease)}, predicate=predicate)
+            except CommitFailedError:
+                self.stats["lease_renewal_conflicts"] += 1
+                time.sleep(_backoff(attempt, self._rng))
+                continue
+            with self._state_lock:
+                for key in held:
+                    entry = (self._entries or {}).get(key)
+                    if entry is not None and entry.claim_id == self.claim_id:
+                        entry.lease_expires_at = lease
+            self.stats["lease_renewals"] += 1
+            return int((metrics or {}).get("num_updated_rows", 0))
+        log.info("ledger %s: lease renewal conflicted %d times; next try in %.0fs", self.table.full_name,
+                 attempts, self.lease_s / 3)
+        return 0
+
+    def start_heartbeat(self) -> None:
+        """Renew this run's leases every ``lease_s / 3`` from a daemon thread (stopped by ``close``).
+
+        A claimant alive but slow (a long request, retries, a big batch upload) keeps its keys; a
+        renewal conflicts with other writers at most once per interval.
+        """
+        if self._heartbeat is not None:
+            return
+        stop, interval, owner = self._stop_heartbeat, self.lease_s / 3, weakref.ref(self)
+        stop.clear()
+
+        def loop() -> None:  # holds the ledger weakly: a dropped ledger's claims must read as dead
+            while not stop.wait(interval):
+                ledger = owner()
+                if ledger is None:
+                    return
+                try:
+                    ledger.renew_leases()
+                except Exception as exc:  # the next beat tries again; the lease still has time left
+                    log.warning("ledger %s: lease renewal failed (%s: %s)", ledger.table.full_name,
+                                type(exc).__name__, str(exc)[:200])
+                del ledger
+
+        self._heartbeat = threading.Thread(target=loop, name="ledger-heartbeat", daemon=True)
+        self._heartbeat.start()
+
     # ---- background flushing ---------------------------------------------------------------
 
     def start_autoflush(self) -> None:
@@ -1052,6 +1338,10 @@ class Ledger:
             self._stop_timer.set()
             self._timer.join(timeout=30)
             self._timer = None
+        if self._heartbeat is not None:
+            self._stop_heartbeat.set()
+            self._heartbeat.join(timeout=30)
+            self._heartbeat = None
         self.flush()
         _LIVE_CLAIMANTS.pop(self.claim_id, None)  # a ``sending`` row of ours is now claimable
         if self._flush_error is not None:
