@@ -172,6 +172,37 @@ def grouped_counts(df: DataFrame, *columns: str) -> list[dict[str, Any]]:
     return [r.asDict() for r in df.groupBy(*columns).count().orderBy(*columns).collect()]
 
 
+FLAGGED_PER_BENCHMARK = 25  # flagged documents shown per benchmark (all are in gold.contamination)
+SPAN_CHARS = 300
+
+
+def flagged_examples(findings: DataFrame, settings: Settings, per_benchmark: int = FLAGGED_PER_BENCHMARK
+                     ) -> dict[str, list[dict[str, Any]]]:
+    """Per benchmark, flagged documents (lowest coverage first: the doubtful ones) with the matched
+    span and the item it matched, so a flag can be checked by eye."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    from jzlake.benchmarks import load_benchmarks
+
+    order = Window.partitionBy("benchmark").orderBy(F.col("coverage").asc_nulls_last(), "doc_id", "item_id")
+    rows = (findings.withColumn("_n", F.row_number().over(order)).where(F.col("_n") <= per_benchmark)
+            .select("benchmark", "doc_id", "source", "item_id", "rule", "coverage", "span_start", "span_end",
+                    F.substring("matched_ngram", 1, SPAN_CHARS).alias("matched_span"))
+            .orderBy("benchmark", "_n").collect())
+    try:  # the item text beside the span; a benchmark no longer configured shows none
+        items = {(b, i.item_id): i.text for b, v in load_benchmarks(settings).items() for i in v}
+    except (OSError, ValueError):
+        items = {}
+    examples: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        record = row.asDict()
+        text = items.get((record["benchmark"], record["item_id"]))
+        record["item_text"] = text[:SPAN_CHARS] if text else None
+        examples.setdefault(record.pop("benchmark"), []).append(record)
+    return examples
+
+
 def collect_figures(spark: SparkSession, settings: Settings, run_id: str) -> dict[str, Any]:
     """Everything the report shows that comes from the tables: this run's rows (``run_id``) and,
     labelled apart, the whole lake's."""
@@ -207,6 +238,8 @@ def collect_figures(spark: SparkSession, settings: Settings, run_id: str) -> dic
             "kept_by_source": grouped_counts(this_run("silver.documents"), "source"),
             "duplicates_by_source_kind": grouped_counts(duplicates, "source", "kind"),
             "contaminated_by_source_benchmark": grouped_counts(flagged, "source", "benchmark"),
+            "flagged_examples": flagged_examples(this_run("gold.contamination").join(sources, "doc_id", "left"),
+                                                 settings),
         },
         "corpus": {
             "gold_by_source": grouped_counts(corpus, "source"),
@@ -313,6 +346,9 @@ def render_html(report: dict[str, Any], plots: dict[str, tuple[str, str]]) -> st
                        ("Duplicates removed by source and kind", "duplicates_by_source_kind"),
                        ("Documents flagged by source and benchmark", "contaminated_by_source_benchmark")]:
         sections += [f"<h2>{title} (this run)</h2>", _table_html(report["figures"]["this_run"][key])]
+    for benchmark, rows in sorted(report["figures"]["this_run"].get("flagged_examples", {}).items()):
+        sections += [f"<h2>Flagged documents: {html.escape(benchmark)} (this run, lowest coverage first)</h2>",
+                     _table_html(rows)]
     for title, key in [("Gold corpus by source", "gold_by_source"),
                        ("Contamination findings by benchmark", "contamination_by_benchmark")]:
         sections += [f"<h2>{title} (whole lake)</h2>", _table_html(report["figures"]["corpus"][key])]

@@ -14,8 +14,8 @@ Every raw row ends in exactly one of the two outputs (``raw = kept + dropped``, 
    edges and clusters; the survivor is the smallest ``request_key`` of each cluster, the
    others are dropped as ``exact_duplicate`` / ``near_duplicate`` with ``duplicate_of``.
 4. **Decontamination** of the survivors' problems against every configured benchmark, with the
-   curation rules and code (``decontaminate.gram_index`` / ``find_contamination``: a shared
-   13-gram, a short item whole, or 8-gram containment): a hit drops the row as ``contaminated``
+   curation rule and code (``decontaminate.decontam_index`` / ``find_contamination``: the
+   per-item span rule): a hit drops the row as ``contaminated``
    with the benchmark, item, rule and matched n-gram.
 
 Lineage: every output row (kept or dropped) carries the raw row's sample lineage — source
@@ -175,20 +175,21 @@ def duplicate_rows(spark: SparkSession, candidates: DataFrame, settings: Setting
 
 
 def contaminated_rows(spark: SparkSession, survivors: DataFrame, settings: Settings) -> DataFrame:
-    """Survivors whose problem overlaps a benchmark item, by the curation rules and code
-    (``decontaminate.gram_index`` + ``find_contamination``: 13-gram, whole item, 8-gram containment)."""
+    """Survivors whose problem overlaps a benchmark item, by the curation rule and code
+    (``decontaminate.decontam_index`` + ``find_contamination``: the per-item span rule)."""
     from pyspark.sql import functions as F
 
-    from spark_jobs.decontaminate import find_contamination, gram_index
+    from spark_jobs.decontaminate import decontam_index, find_contamination
 
     problems = survivors.select(F.col("request_key").alias("doc_id"), F.col("problem").alias("text"))
-    matches = find_contamination(spark, problems, gram_index(settings), settings.decontam.min_containment)
+    matches = find_contamination(spark, problems, decontam_index(settings))
     first = matches.groupBy("doc_id").agg(
-        F.min(F.struct("benchmark", "item_id", "rule", "matched_ngram")).alias("hit"))
+        F.min(F.struct("benchmark", "item_id", "rule", "coverage", "matched_ngram")).alias("hit"))
     return first.select(
         F.col("doc_id").alias("request_key"), F.lit("contaminated").alias("reason"),
         F.concat_ws("", F.col("hit.benchmark"), F.lit(":"), F.col("hit.item_id"), F.lit(" ("), F.col("hit.rule"),
-                    F.lit(": "), F.col("hit.matched_ngram"), F.lit(")")).alias("detail"),
+                    F.lit(", coverage "), F.format_number(F.col("hit.coverage"), 2), F.lit(": "),
+                    F.col("hit.matched_ngram"), F.lit(")")).alias("detail"),
         F.lit(None).cast("string").alias("duplicate_of"), F.col("hit.benchmark").alias("benchmark"))
 
 
