@@ -35,8 +35,11 @@ RUN_ID = ("run_id", "string")
 # ``spent_tokens``/``spent_usd`` = cumulative spend of the key over all its calls (a call lost in a
 # crash counts at its reserved worst case), what the caps sum; ``prompt_tokens``/``completion_tokens``/
 # ``cost_usd`` = the last answer's; ``messages`` = the exact chat sent (JSON), ``prompt`` its last user turn.
-# Partitioned by ``key_bucket`` (the key's first two hex digits): a write-through commit rewrites
-# one small partition instead of the whole ledger.
+# Partitioned by ``key_bucket`` (the key's first hex digit: 16 partitions): a write-through commit rewrites
+# one small partition instead of the whole ledger. ``claim_run_id``/``claim_id``/``lease_expires_at``:
+# who holds a ``sending``/``submitting`` key (``claim_id`` ends with the holder's boot id, PID namespace,
+# pid and start time) and until when; ``flags``: what was changed
+# to store the row (e.g. ``sanitised_surrogates``).
 LEDGER_COLUMNS: tuple[tuple[str, str], ...] = (
     ("key", "string"), ("status", "string"), ("model", "string"), ("template_id", "string"),
     ("template_hash", "string"), ("prompt", "string"), ("messages", "string"), ("sampling", "string"),
@@ -48,7 +51,8 @@ LEDGER_COLUMNS: tuple[tuple[str, str], ...] = (
     ("doc_id", "string"), ("excerpt_start", "long"), ("excerpt_end", "long"),
     ("model_name", "string"), ("model_version", "string"), ("model_uri", "string"), ("seed", "long"),
     ("lineage", "string"), RUN_ID, ("created_at", "timestamp"), ("updated_at", "timestamp"),
-    ("key_bucket", "string"),
+    ("key_bucket", "string"), ("claim_run_id", "string"), ("claim_id", "string"),
+    ("lease_expires_at", "timestamp"), ("flags", "string"),
 )
 
 
@@ -182,7 +186,10 @@ TABLES: tuple[Table, ...] = (
     # ---- gold: decontaminated corpus and everything downstream ------------------------------
     _t("gold", "contamination", ("doc_id", "benchmark", "item_id"), "Benchmark overlaps found in documents",
        ("doc_id", "string"), ("benchmark", "string"), ("item_id", "string"), ("rule", "string"),
-       ("matched_ngram", "string"), ("containment", "double"), RUN_ID),
+       ("matched_ngram", "string"), ("containment", "double"), RUN_ID,
+       # evidence: the matched span (document character offsets [start, end); matched_ngram is
+       # its text) and the share of the item it reproduces; containment: share found anywhere
+       ("coverage", "double"), ("span_start", "long"), ("span_end", "long")),
     _t("gold", "corpus", ("doc_id",), "Clean, deduplicated, decontaminated corpus",
        ("doc_id", "string"), ("source", "string"), ("text", "string"), ("quality_score", "double"),
        ("math_density", "double"), ("n_words", "long"), RUN_ID),
@@ -192,12 +199,14 @@ TABLES: tuple[Table, ...] = (
     _t("gold", "synthetic_requests", ("key",), "Mass-synthesis request ledger (same schema as kd_requests)",
        *LEDGER_COLUMNS, partition_by=("key_bucket",)),
     # ---- distillation and synthesis outputs (models/distil.py, models/synthesize.py) ----------
+    # ``round``: the KD round that first asked for the sample (initialize | boost; null before rounds)
     _t("gold", "kd_dataset", ("request_key",),
        "Accepted teacher samples in the training format (## Question / ## Solution | ## Code Solution)",
-       ("request_key", "string"), *SAMPLE_CONTENT, *SAMPLE_LINEAGE, RUN_ID, ("created_at", "timestamp")),
+       ("request_key", "string"), *SAMPLE_CONTENT, *SAMPLE_LINEAGE, RUN_ID, ("created_at", "timestamp"),
+       ("round", "string")),
     _t("gold", "kd_rejected", ("request_key",), "Teacher replies that failed parsing/validation, with why",
        ("request_key", "string"), ("reason", "string"), ("detail", "string"), ("response", "string"),
-       *SAMPLE_CONTENT, *SAMPLE_LINEAGE, RUN_ID, ("created_at", "timestamp")),
+       *SAMPLE_CONTENT, *SAMPLE_LINEAGE, RUN_ID, ("created_at", "timestamp"), ("round", "string")),
     _t("gold", "synthetic_raw", ("request_key",),
        "Every synthesizer reply, parsed; reason is null when it parsed and validated",
        ("request_key", "string"), ("reason", "string"), ("detail", "string"), *SAMPLE_CONTENT,
@@ -214,6 +223,15 @@ TABLES: tuple[Table, ...] = (
        ("request_key", "string"), ("reason", "string"), ("detail", "string"),
        ("duplicate_of", "string"), ("benchmark", "string"), *SAMPLE_LINEAGE,
        ("synthesis_run_id", "string"), ("raw_version", "long"), RUN_ID),
+    # ---- evaluation (models/eval): one row per (model version, benchmark spec, item) -----------
+    # spec_hash fixes benchmark file, setting, prompt, decoding, extraction and grader; a rerun
+    # of the same version and spec rewrites identical rows (MERGE adds nothing).
+    _t("gold", "eval_predictions", ("model_name", "model_version", "spec_hash", "item_id"),
+       "Per-item evaluation results: prediction, extracted answer, correct, rounds, error",
+       ("model_name", "string"), ("model_version", "string"), ("spec_hash", "string"),
+       ("benchmark", "string"), ("setting", "string"), ("item_id", "string"), ("prediction", "string"),
+       ("extracted_answer", "string"), ("reference_answer", "string"), ("correct", "boolean"),
+       ("rounds_used", "long"), ("finish_reason", "string"), ("error", "string"), RUN_ID),
     # ---- LESS influence selection (models/influence) ----------------------------------------
     # One row per (run, document): runs are content-addressed (config + model + input version),
     # so a rerun rewrites identical rows and other configurations keep their own scores.

@@ -25,6 +25,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "distil": ("models.distil", "teacher distillation: excerpts → prompts → ledgered LLM calls → gold.kd_dataset"),
     "synthesize": ("models.synthesize", "mass synthesis, sharded and resumable → gold.synthetic_raw"),
     "influence": ("models.influence.cli", "LESS influence scores → gold.influence_scores, gold.selected_texts"),
+    "train": ("models.train.cli", "train synthesizer|jiuzhang → MLflow registered model (alias challenger)"),
+    "eval": ("models.eval.job", "evaluate a model (CoT + tool settings) → gold.eval_predictions + MLflow metrics"),
+    "promote": ("models.eval.promote", "gate NAME@challenger on its metrics; move the champion alias or refuse"),
 }
 
 # Single Spark jobs, each also a spark-submit application (spark_jobs/runner.py).
@@ -36,6 +39,7 @@ SPARK_JOBS: dict[str, tuple[str, str]] = {
     "report": ("spark_jobs.report", "curation report (HTML + JSON) for a run id"),
     "filter-synthetic": ("spark_jobs.synthetic_filter",
                          "filter, dedupe, decontaminate gold.synthetic_raw → gold.synthetic_problems"),
+    "maintain": ("spark_jobs.maintenance", "OPTIMIZE + VACUUM (retention >= 7 days) every table, compact the ledgers"),
 }
 
 

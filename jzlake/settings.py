@@ -149,16 +149,27 @@ class DedupSettings(_Section):
 class DecontamSettings(_Section):
     """Benchmark overlap rules (measured choices: see ``spark_jobs.decontaminate``)."""
 
-    ngram: int = 13
-    short_ngram: int = 8
-    min_containment: float = 0.15
-    min_item_tokens: int = 6
-    # A gram counts only if at least this fraction of its tokens are words (≥ 2 letters, not a
-    # LaTeX command): formula soup like "frac x 2 a 2 frac y 2" is not evidence of a leak.
+    # Per item, scaled to its length (spark_jobs.transforms.ngrams.DecontamRules says each one).
+    ngram: int = 13                  # long items: a shared 13-gram is evidence
+    long_item_tokens: int = 25
+    short_ngram: int = 4             # every item: its 4-grams locate the best span of a document
+    min_coverage: float = 0.65       # share of the item the span reproduces in order
+    min_evidence_tokens: int = 5     # ... with this many item tokens under non-stop prose grams
+    template_coverage: float = 0.8   # no evidence gram (template-only item): a near-whole copy
+    template_min_tokens: int = 10
+    min_candidate_coverage: float = 0.3
+    span_slack: float = 1.5
+    edit_gap: int = 3
+    min_block: int = 2
+    min_item_tokens: int = 10
+    # A prose gram: at least this share of words (≥ 2 letters; numbers and LaTeX commands are
+    # not): formula soup like "frac x 2 a 2 frac y 2" is not evidence of a leak.
     min_word_fraction: float = 0.5
-    # A gram found in more than this many items of one benchmark is template language
-    # ("let a b and c be real numbers such that"), not a specific item.
-    max_items_per_gram: int = 1
+    # Stop grams (no evidence alone): in more than this many benchmark item texts ("let f be
+    # the function defined by"), or in max_doc_share of the documents checked (≥ min_doc_count).
+    max_items_per_gram: int = 4
+    max_doc_share: float = 0.002
+    min_doc_count: int = 20
 
 
 class GpuKubernetesSettings(_Section):
@@ -206,6 +217,9 @@ class MlflowSettings(_Section):
     tracking_uri: str = "sqlite:///var/mlflow/mlflow.db"
     artifact_root: str = "var/mlflow/artifacts"
     experiment: str = "jiuzhang-lake"
+    # Registered models up to this size are logged as run artifacts; larger ones are registered
+    # by reference (a sha256 manifest, weights left where the job wrote them): models/registry.py.
+    artifact_max_bytes: int = 256 * 1024 * 1024
 
 
 class AirflowSettings(_Section):
@@ -217,6 +231,49 @@ class AirflowSettings(_Section):
     retry_delay_s: int = 300
     home: str = "var/airflow"     # AIRFLOW_HOME for `make airflow-up` / `python -m plugins.airflow_local`
     api_port: int = 18100
+
+
+# Delta's own safety net (spark.databricks.delta.retentionDurationCheck) refuses less: a shorter
+# VACUUM deletes files that a pinned reader or a running writer still needs.
+MIN_VACUUM_RETENTION_HOURS = 168
+
+
+class MaintenanceSettings(_Section):
+    """Daily lake maintenance (``spark_jobs/maintenance.py``, DAG ``lake_maintenance``)."""
+
+    vacuum_retention_hours: float = MIN_VACUUM_RETENTION_HOURS
+    optimize: bool = True                # OPTIMIZE (bin-packing compaction) of every non-ledger table
+    # Generation ledgers (written by delta-rs, many small commits) are compacted above this file count.
+    ledger_compact_above_files: int = Field(default=64, ge=1)
+
+    @field_validator("vacuum_retention_hours")
+    @classmethod
+    def _at_least_a_week(cls, hours: float) -> float:
+        if hours < MIN_VACUUM_RETENTION_HOURS:
+            raise ValueError(f"maintenance.vacuum_retention_hours = {hours} is below {MIN_VACUUM_RETENTION_HOURS} "
+                             "(7 days): VACUUM would delete files that pinned readers and running writers "
+                             f"still need; set it to {MIN_VACUUM_RETENTION_HOURS} or more")
+        return hours
+
+
+class Bounds(_Section):
+    """Allowed range of one data-quality metric; ``None`` leaves that side open."""
+
+    min: float | None = None
+    max: float | None = None
+
+
+class QualitySettings(_Section):
+    """Data-quality checks that fail a DAG run (``plugins/quality.py``): stage → metric → bounds.
+
+    Metrics of a stage: the numbers in its summary (``input``, ``kept``, ``contaminated``, ...),
+    ``kept_fraction`` (kept / input, when input > 0) and ``rows.<layer>.<name>`` (rows of a table).
+    """
+
+    enabled: bool = True
+    stages: dict[str, dict[str, Bounds]] = Field(default_factory=lambda: {
+        "decontaminate": {"kept_fraction": Bounds(min=0.8), "rows.gold.corpus": Bounds(min=1)},
+    })
 
 
 class ModelPrice(_Section):
@@ -272,11 +329,21 @@ class GenerationSettings(_Section):
     ledger_flush_every: int = 32
     ledger_flush_seconds: float = 5.0
     # write-through: a durable "sending" row before every send and every answer committed before
-    # its worker slot sends again (a killed run never pays twice); auto = on for models with a
-    # non-zero price in ``prices`` (paid teachers), off for free/unpriced ones (buffered, faster)
+    # its worker slot sends again; auto = on for models with a non-zero price in ``prices`` (paid
+    # teachers), off for free/unpriced ones (buffered, faster). A priced model, a remote
+    # (non-loopback) base_url or an API key in use is always written through, whatever this says
+    # (``false`` is then overridden with a warning: a loopback gateway can front a paid API).
     ledger_write_through: bool | Literal["auto"] = "auto"
     # sends of one key that may end in failure before it is marked ``abandoned`` (never re-sent)
     max_attempts_per_key: int = Field(default=3, ge=1)
+    # write-through and Batch claims: a key held by a run whose liveness cannot be known (another
+    # host or PID namespace) becomes claimable this long after its claim's last renewal (renewed every
+    # lease/3 while requests are in flight); a claimant provably alive on this host is never taken
+    # over. Must be at least ``request_timeout_s`` (a run refuses to start otherwise).
+    ledger_lease_s: float = Field(default=900.0, gt=0)
+    # a ledger commit that keeps conflicting is retried (exponential backoff, jitter) this long;
+    # an answer that still cannot be committed is spilled to disk and committed on the next start
+    ledger_commit_deadline_s: float = Field(default=60.0, gt=0)
     batch_poll_interval_s: float = 60.0
     batch_max_requests: int = 50_000
     batch_price_factor: float = 0.5      # the Batch API bills half the list price
@@ -320,15 +387,34 @@ class SandboxSettings(_Section):
     max_output_kb: int = 64
     network_isolation: Literal["auto", "netns", "audit-hook"] = "auto"
     filesystem_isolation: Literal["auto", "mount", "audit-hook"] = "auto"  # read-only mount namespace
+    # Without bubblewrap (or with bubblewrap only as root) the sandbox refuses to run; true accepts
+    # the weaker modes (bwrap-root, unshare namespaces + audit hook)
+    allow_weak_isolation: bool = False
+    max_disk_mb: int = 64  # the run's writable tmpfs (memory, counted in its cgroup where it has one)
+
+
+class RoundCalls(_Section):
+    """Teacher calls one KD round may spend (``None``: whatever ``generation.teacher_budget`` leaves)."""
+
+    initialize: int | None = Field(default=4650, ge=0)
+    boost: int | None = Field(default=None, ge=0)
 
 
 class DistilSettings(_Section):
-    """Teacher distillation (``jzlake distil``, ``models/distil.py``).
+    """Teacher distillation (``jzlake distil``, ``models/distil.py``), in two KD rounds.
 
-    Input: ``gold.selected_texts`` (influence selection) when it exists, else ``gold.corpus``;
-    ``input_table`` forces one. Paper defaults per kind: CoT temperature 1.0, tool 0.1 / top-p 0.95.
+    ``round``: ``initialize`` distils a seeded random sample (``initialize_documents``,
+    ``initialize_seed``) of ``gold.corpus``; ``boost`` distils ``gold.selected_texts`` (the
+    influence pick); ``auto`` = boost when the selection exists, else initialize.
+    ``input_table`` (legacy) forces the table, and with it the round. ``round_max_calls`` splits
+    ``generation.teacher_budget`` (9,300 calls) between rounds. Paper defaults per kind: CoT
+    temperature 1.0, tool 0.1 / top-p 0.95.
     """
 
+    round: Literal["auto", "initialize", "boost"] = "auto"
+    initialize_documents: int = Field(default=4000, ge=1)
+    initialize_seed: int = 42
+    round_max_calls: RoundCalls = Field(default_factory=RoundCalls)
     input_table: Literal["auto", "gold.selected_texts", "gold.corpus"] = "auto"
     max_documents: int | None = None
     # auto: generation.teacher_model when an API key resolves, else the local model (said so)
@@ -343,12 +429,15 @@ class DistilSettings(_Section):
 class SynthesisSettings(_Section):
     """Mass synthesis (``jzlake synthesize``, ``models/synthesize.py``) and its Spark filter.
 
-    ``model``: a local model directory, an MLflow ``models:/name@alias`` URI (resolved by the
-    training stage) or a name served by ``generation.base_url``; empty means
-    ``generation.synthesizer_model``.
+    ``model``: a local model directory, an MLflow ``models:/name@alias`` URI or a name served by
+    ``generation.base_url``. Unset: the registry's ``registered_model@champion``, else
+    ``@challenger`` when ``allow_challenger`` (until the evaluation gate promotes a champion),
+    else an error naming ``jzlake train synthesizer``.
     """
 
     model: str | None = None
+    registered_model: str = "jiuzhang-synthesizer"
+    allow_challenger: bool = False
     num_shards: int = 1
     max_documents_per_shard: int | None = None
     samples_per_prompt: int = 1
@@ -413,6 +502,129 @@ class InfluenceSettings(_Section):
     torch_threads: int | None = None    # CPU threads (None: torch's default)
 
 
+class TrainRecipe(_Section):
+    """Optimisation settings of one training run on one kind of device (``models/train``)."""
+
+    base_model: str | None = None       # HF dir, hub name or models:/ URI; None: the tiny local model
+    method: Literal["full", "lora"] = "full"
+    learning_rate: float = 1e-5         # peak of the WSD schedule
+    epochs: int = 1
+    global_batch_size: int = 32         # sequences (packed rows when packing) per optimizer step
+    micro_batch_size: int = 1           # sequences per forward pass per process (gradient accumulation)
+    max_length: int = 2048
+    precision: Literal["bf16", "fp32"] = "bf16"
+    warmup_ratio: float = 0.03          # WSD: linear warm-up over this share of the steps,
+    decay_start: float = 0.85           # constant until this share, then linear decay
+    min_lr_ratio: float = 0.1           # to this fraction of the peak at the last step
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    packing: bool = True
+    # auto: position ids restarting per sample (block-diagonal / varlen attention in transformers);
+    # explicit: a 4-D block-diagonal mask, for attention implementations that do not detect packing
+    packing_mask: Literal["auto", "explicit"] = "auto"
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+def _tiny_recipe(**changes: Any) -> TrainRecipe:
+    return TrainRecipe(**{"learning_rate": 2e-3, "epochs": 3, "global_batch_size": 8, "micro_batch_size": 4,
+                          "max_length": 1024, "precision": "fp32", **changes})
+
+
+class TrainJobSettings(_Section):
+    """One training job (``jzlake train synthesizer|jiuzhang``): GPU defaults = the paper's,
+    CPU defaults fit the tiny model; ``device`` picks the recipe (auto: cuda when available)."""
+
+    registered_model: str
+    device: str = "auto"
+    gpu: TrainRecipe = Field(default_factory=TrainRecipe)
+    cpu: TrainRecipe = Field(default_factory=_tiny_recipe)
+    seed: int = 42
+    input_version: int | None = None    # pin the input table's Delta version (None: latest)
+    checkpoint_every: int = 50          # optimizer steps between checkpoints
+    keep_checkpoints: int = 2
+    register_version: bool = True       # False: train and save only (no MLflow registration)
+    alias: str = "challenger"
+    torch_threads: int | None = None
+
+
+class SynthesizerTrainSettings(TrainJobSettings):
+    """Synthesizer fine-tuning on ``gold.kd_dataset`` (+ the optional GSM8K format seed)."""
+
+    registered_model: str = "jiuzhang-synthesizer"
+    gpu: TrainRecipe = Field(default_factory=lambda: TrainRecipe(
+        base_model="deepseek-ai/deepseek-math-7b-rl", epochs=5))
+    # the tiny model learns the reply format only with a high lr and several passes (measured)
+    cpu: TrainRecipe = Field(default_factory=lambda: _tiny_recipe(
+        learning_rate=1e-2, epochs=4, global_batch_size=4, micro_batch_size=2))
+    # Real GSM8K train pairs rendered through the education-stage prompts; on only when set.
+    format_seed: bool = False
+    format_seed_paths: list[str] = Field(default_factory=lambda: ["data/sample/benchmarks/gsm8k/train*.jsonl"])
+    format_seed_samples: int = 64
+
+
+class JiuzhangTrainSettings(TrainJobSettings):
+    """JiuZhang training: ``gold.synthetic_problems`` (CPT, seeded shuffle) then SFT sources, one run."""
+
+    registered_model: str = "jiuzhang-math"
+    gpu: TrainRecipe = Field(default_factory=lambda: TrainRecipe(base_model="deepseek-ai/deepseek-math-7b-base"))
+    cpu: TrainRecipe = Field(default_factory=lambda: _tiny_recipe(epochs=1))
+    # JSONL globs with question/answer (GSM8K) or problem/solution (MATH) rows, in this order.
+    sft_sources: list[str] = Field(default_factory=lambda: ["data/sample/benchmarks/gsm8k/train*.jsonl"])
+    max_sft_samples: int | None = None
+
+
+class TrainSettings(_Section):
+    synthesizer: SynthesizerTrainSettings = Field(default_factory=SynthesizerTrainSettings)
+    jiuzhang: JiuzhangTrainSettings = Field(default_factory=JiuzhangTrainSettings)
+
+
+class GateThresholds(_Section):
+    """Promotion gate of an evaluated model (``models/eval/gate.py``). ``floors``: minimum accuracy
+    per ``benchmark/setting`` (or ``benchmark`` for both settings); each key is also a required
+    result. Non-inferiority: the paired-bootstrap lower bound of (challenger − champion)
+    accuracy on shared items must be ≥ −``non_inferiority_margin``."""
+
+    floors: dict[str, float] = Field(default_factory=dict)
+    non_inferiority_margin: float = 0.02
+    confidence: float = 0.95            # one-sided, for the paired bootstrap
+    bootstrap_samples: int = 2000
+    max_extraction_failure_rate: float = 1.0
+    max_execution_error_rate: float = 1.0
+    max_truncation_rate: float = 1.0
+
+
+class SynthesizerGateThresholds(_Section):
+    """Promotion gate of a synthesizer: what matters for a data generator (metrics logged on the
+    version's run by synthesis/filter/training: ``synth.valid_rate``, ``synth.contaminated_rate``,
+    ``kd.heldout_loss``)."""
+
+    min_valid_rate: float = 0.5         # parsed + validated share of sampled problems
+    max_contaminated_rate: float = 0.05  # share flagged by benchmark decontamination
+    max_heldout_kd_loss: float | None = None
+
+
+class EvalSettings(_Section):
+    """``jzlake eval`` / ``jzlake promote`` (``models/eval``). Benchmarks are names from the
+    ``benchmarks:`` section (field mappings live there, shared with decontamination)."""
+
+    model: str = "models:/jiuzhang-math@challenger"
+    benchmarks: list[str] = Field(default_factory=lambda: ["gsm8k", "math500", "svamp"])
+    settings: list[Literal["cot", "tool"]] = Field(default_factory=lambda: ["cot", "tool"])
+    backend: str | None = None          # None: generation.backend
+    max_new_tokens: int = 1024          # per generation (per round in the tool setting)
+    tool_max_rounds: int = 4
+    concurrency: int = 8
+    limit: int | None = None            # first N items per benchmark (smoke runs)
+    bootstrap_samples: int = 1000
+    seed: int = 0
+    grader_timeout_s: float = 5.0
+    gate: GateThresholds = Field(default_factory=GateThresholds)
+    synthesizer_gate: SynthesizerGateThresholds = Field(default_factory=SynthesizerGateThresholds)
+
+
 class Settings(_Section):
     home: str = "."
     lake: LakeSettings = Field(default_factory=LakeSettings)
@@ -432,7 +644,11 @@ class Settings(_Section):
     sandbox: SandboxSettings = Field(default_factory=SandboxSettings)
     distil: DistilSettings = Field(default_factory=DistilSettings)
     synthesis: SynthesisSettings = Field(default_factory=SynthesisSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
     airflow: AirflowSettings = Field(default_factory=AirflowSettings)
+    maintenance: MaintenanceSettings = Field(default_factory=MaintenanceSettings)
+    quality: QualitySettings = Field(default_factory=QualitySettings)
 
     def path(self, value: str) -> str:
         """Resolve a configured path: URIs unchanged, relative paths against ``home``."""
