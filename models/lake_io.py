@@ -146,11 +146,51 @@ def conform(full_name: str, rows: pa.Table | Sequence[Mapping[str, Any]]) -> pa.
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
+def _type_name(delta_type: Any) -> str:
+    """A Delta type (its JSON form) as ``long``, ``array<string>``, ``map<string,double>``,
+    ``struct<a:long>``: nullability left out, so only a change of type tells two apart."""
+    if isinstance(delta_type, str):
+        return delta_type
+    kind = delta_type["type"]
+    if kind == "array":
+        return f"array<{_type_name(delta_type['elementType'])}>"
+    if kind == "map":
+        return f"map<{_type_name(delta_type['keyType'])},{_type_name(delta_type['valueType'])}>"
+    fields = ",".join(f"{f['name']}:{_type_name(f['type'])}" for f in delta_type["fields"])
+    return f"struct<{fields}>"
+
+
+def column_type_changes(table: DeltaTable, spec: catalogue.Table) -> list[tuple[str, str, str]]:
+    """``(column, type in the lake, catalogued type)`` for each column whose type differs."""
+    import json
+
+    from deltalake import Schema
+
+    def types(schema: Any) -> dict[str, str]:
+        return {f["name"]: _type_name(f["type"]) for f in json.loads(schema.to_json())["fields"]}
+
+    present, wanted = types(table.schema()), types(Schema.from_arrow(spec.arrow_schema()))
+    return [(name, present[name], kind) for name, kind in wanted.items() if name in present and present[name] != kind]
+
+
+def check_column_types(table: DeltaTable, spec: catalogue.Table) -> None:
+    """Refuse a table whose columns have another type than the catalogue's (as the Spark side's
+    ``spark_jobs.session.evolve_schema`` does): evolution is additive only, and a write would
+    otherwise fail deep inside delta-rs or cast silently."""
+    changed = column_type_changes(table, spec)
+    if changed:
+        columns = ", ".join(f"{name} ({lake} in the lake, {kind} catalogued)" for name, lake, kind in changed)
+        raise LakeIOError(f"{spec.full_name} at {table.table_uri} has columns of another type: {columns}. "
+                          "Rebuild the table (drop its folder and rerun the stage that writes it).")
+
+
 def add_missing_columns(table: DeltaTable, spec: catalogue.Table) -> list[str]:
     """Add the catalogued columns ``table`` lacks (rows written before read null): a lake written by
-    an earlier release keeps working. Safe against a concurrent adder."""
+    an earlier release keeps working. Safe against a concurrent adder. A column whose type differs
+    from the catalogue's is refused first (``check_column_types``)."""
     from deltalake.schema import Field
 
+    check_column_types(table, spec)
     present = {f.name for f in table.schema().fields}
     wanted = spec.arrow_schema()
     missing = [wanted.field(name) for name in wanted.names if name not in present]

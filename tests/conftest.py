@@ -28,6 +28,24 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
     return load_settings(overrides=base, environ={})
 
 
+def copy_lake(settings: Settings, destination: Path) -> Settings:
+    """``settings`` with its lake (and run reports) copied under ``destination``.
+
+    For test modules that build one lake (slow: Spark jobs) and give each test a private copy, so a
+    test that writes to it cannot change what another sees, whatever the order. Delta logs hold
+    relative file paths, so the copy is a complete table set.
+    """
+    import shutil
+
+    shutil.copytree(settings.lake_root, destination / "lake")
+    update = {"root": str(destination / "lake")}
+    if settings.lake.runs_dir:  # else the reports live in the lake, copied with it
+        if Path(settings.runs_dir).is_dir():
+            shutil.copytree(settings.runs_dir, destination / "runs")
+        update["runs_dir"] = str(destination / "runs")
+    return settings.model_copy(update={"lake": settings.lake.model_copy(update=update)})
+
+
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     return make_settings(tmp_path)

@@ -14,7 +14,7 @@ from jzlake import catalogue
 from jzlake.settings import Settings
 from spark_jobs.curate import CURATION_TABLES, run_curation, with_cli_inputs
 from spark_jobs.session import current_version, read_table
-from tests.conftest import SAMPLE, make_settings
+from tests.conftest import SAMPLE, copy_lake, make_settings
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow]
 
@@ -32,11 +32,17 @@ def _contents(spark, settings: Settings) -> dict[str, list[tuple]]:
 
 
 @pytest.fixture(scope="module")
-def first_run(spark, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("curate")
-    settings = make_settings(tmp)
-    summary = run_curation(spark, settings, "curate-test-1")
-    return settings, summary, tmp
+def first_run_lake(spark, tmp_path_factory):
+    """One curation run over the sample (never written to again: tests get a copy)."""
+    settings = make_settings(tmp_path_factory.mktemp("curate"))
+    return settings, run_curation(spark, settings, "curate-test-1")
+
+
+@pytest.fixture
+def first_run(first_run_lake, tmp_path):
+    """(settings of this test's own copy of the first run's lake, the run's summary, a scratch folder)."""
+    settings, summary = first_run_lake
+    return copy_lake(settings, tmp_path / "first-run"), summary, tmp_path
 
 
 def test_first_run_reconciles_and_writes_every_table(spark, first_run):

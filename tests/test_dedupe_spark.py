@@ -18,7 +18,7 @@ from jzlake import catalogue
 from spark_jobs import dedupe
 from spark_jobs.session import current_version, read_table
 from spark_jobs.transforms.minhash import jaccard, shingle_hashes
-from tests.conftest import make_settings
+from tests.conftest import copy_lake, make_settings
 from tests.curation_fixtures import sample_texts, silver_row, substitute_words, write_silver
 
 pytestmark = pytest.mark.spark
@@ -55,8 +55,9 @@ def clusters_by_doc(spark: Any, settings: Any) -> dict[str, dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def lake(spark, tmp_path_factory) -> dict[str, Any]:
-    """First run over the sample (minus held-out docs) plus planted duplicates."""
+def first_run(spark, tmp_path_factory) -> dict[str, Any]:
+    """First run over the sample (minus held-out docs) plus planted duplicates (never written to
+    again: tests get a copy, ``lake``)."""
     settings = make_settings(tmp_path_factory.mktemp("dedupe"))
     rng = random.Random(2024)
     sample = sample_texts()
@@ -90,6 +91,12 @@ def lake(spark, tmp_path_factory) -> dict[str, Any]:
         "texts": {r["doc_id"]: r["text"] for r in rows}, "versions": versions(spark, settings),
         "dedup_ids": {r["doc_id"] for r in table_rows(spark, settings, "silver.dedup")},
     }
+
+
+@pytest.fixture
+def lake(first_run, tmp_path) -> dict[str, Any]:
+    """This test's own copy of the first run's lake: tests that write to it stay order-independent."""
+    return {**first_run, "settings": copy_lake(first_run["settings"], tmp_path / "first-run")}
 
 
 def test_planted_duplicates_found_with_deterministic_survivors(spark, lake) -> None:

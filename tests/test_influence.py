@@ -127,6 +127,46 @@ def test_projection_buffer_size_does_not_change_features(lora_model: tuple) -> N
     assert torch.allclose(per_chunk, buffered, atol=1e-6)
 
 
+def test_a_candidate_identical_to_a_target_example_ranks_first(lora_model: tuple, tmp_path: Path) -> None:
+    """Real warm-up (AdamW moments), real per-example gradients, LESS similarities: the copy of a
+    target beats candidates in the very same format (other benchmark items, same subjects)."""
+    import copy
+
+    from models.influence.warmup import load_checkpoint, warmup_train
+
+    model, tokenizer, pad_id = lora_model
+    model = copy.deepcopy(model)  # warm-up trains it: keep the module's model as it was
+    settings = make_settings(tmp_path)
+    config = InfluenceSettings.model_validate({**settings.influence.model_dump(), "targets_per_subtask": 2,
+                                               "max_seq_len": 128})
+    encode = lambda p, c: data.encode(tokenizer, p, c, config.max_seq_len)  # noqa: E731
+    targets = data.load_targets(settings, config, fits=lambda t: encode(t.prompt, t.completion).n_loss_tokens > 0)
+    copied = next(t for t in targets if t.subtask == "math/Algebra")
+    wider = InfluenceSettings.model_validate({**config.model_dump(), "targets_per_subtask": 4})
+    others = [t for t in data.load_targets(settings, wider) if t not in targets][::2]
+    candidates = [encode(t.prompt, t.completion) for t in [*others, copied]]
+    warm = data.warmup_subset(range(len(candidates)), config.warmup_fraction, config.warmup_min_examples, config.seed)
+    checkpoints = warmup_train(model, [candidates[i] for i in warm], config, tmp_path / "checkpoints", pad_id, "cpu")
+    projector = RademacherProjector(sum(p.numel() for _, p in trainable_parameters(model)), 1024, seed=0)
+    target_features, candidate_features = [], []
+    for info in checkpoints:
+        moments = load_checkpoint(model, tmp_path / "checkpoints" / info.name, config)
+        target_features.append(gradient_features(model, [encode(t.prompt, t.completion) for t in targets],
+                                                 projector=projector, pad_id=pad_id, chunk_size=8))
+        candidate_features.append(gradient_features(model, candidates, projector=projector, pad_id=pad_id,
+                                                    chunk_size=8, moments=moments))
+    weights = scoring.checkpoint_weights([c.mean_lr for c in checkpoints])
+    similarity = scoring.weighted_similarity(candidate_features, target_features, weights)
+    _, per_subtask = scoring.subtask_scores(similarity, len(subtasks := data.subtask_names(targets)))
+    copy_index = len(others)
+    assert len(others) >= 8
+    # First on the target it copies, and on that target's subtask score. (Not necessarily overall:
+    # Adam's momentum term is shared by every candidate's feature, so a candidate can score higher
+    # on another subtask; the end-to-end test checks the overall rank on a smaller pool.)
+    assert int(similarity[:, targets.index(copied)].argmax()) == copy_index, similarity[:, targets.index(copied)]
+    assert int(per_subtask[:, subtasks.index(copied.subtask)].argmax()) == copy_index, per_subtask.tolist()
+
+
 def test_scores_weight_checkpoints_average_subtasks_and_take_the_max() -> None:
     assert scoring.checkpoint_weights([2e-5, 1e-5, 1e-5]) == pytest.approx([0.5, 0.25, 0.25])
     c1, c2 = torch.eye(2), torch.tensor([[0.0, 1.0], [1.0, 0.0]])
@@ -160,6 +200,12 @@ def test_targets_have_equal_counts_per_subtask_in_subtask_order(tmp_path: Path) 
     assert [t.subtask for t in targets] == [s for s in subtasks for _ in range(3)]
     assert all(t.prompt.startswith("## Question\n") and t.prompt.endswith("## Solution\n") for t in targets)
     assert targets == data.load_targets(settings, config)  # seeded
+    # Examples that do not fit (the job: prompt fills max_seq_len) are excluded before the draw.
+    short = data.load_targets(settings, config, fits=lambda t: len(t.prompt) < 300)
+    assert [t.subtask for t in short] == [t.subtask for t in targets] and all(len(t.prompt) < 300 for t in short)
+    assert any(len(t.prompt) >= 300 for t in targets)
+    with pytest.raises(ValueError, match=r"usable examples.*max_seq_len"):
+        data.load_targets(settings, config, fits=lambda t: t.subtask != "gsm8k")
     too_many = InfluenceSettings.model_validate({**config.model_dump(), "targets_per_subtask": 10_000})
     with pytest.raises(ValueError, match="fewer than targets_per_subtask"):
         data.load_targets(settings, too_many)

@@ -137,3 +137,78 @@ def test_pair_candidates_attribute_scores_to_source_texts(lake: tuple, capsys: p
     assert all(r["n_units"] == 2 and r["candidate_unit"] == "pair" for r in rows)
     selected = table(settings, "gold.selected_texts")[0]
     assert {r["run_id"] for r in selected} == {summary["run_id"]} and len(selected) == 2
+
+
+def test_a_copy_of_a_target_ranks_first_and_only_candidates_are_preconditioned(
+        lake: tuple, capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    """Scores mean something: a pair identical to a target example wins, and the job's numbers equal
+    LESS recomputed here from per-example gradients (one backward each, the reference path) —
+    targets' features plain, candidates' through Adam with the checkpoint's moments."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+    from safetensors.torch import load_file
+
+    from models.influence import data
+    from models.influence.gradients import per_example_gradients
+    from models.influence.job import load_manifest, load_model, model_reference, run_dir
+    from models.influence.projection import RademacherProjector
+    from models.influence.warmup import attach_lora, load_checkpoint
+
+    settings, config = lake
+    run_config = settings.influence
+    model, tokenizer, pad_id = load_model(model_reference(settings, run_config)[0], "cpu")
+    encode = lambda p, c: data.encode(tokenizer, p, c, run_config.max_seq_len)  # noqa: E731
+    targets = data.load_targets(settings, run_config, fits=lambda t: encode(t.prompt, t.completion).n_loss_tokens > 0)
+    copied = next(t for t in targets if t.subtask == "gsm8k")
+    # Competitors in the very same format: GSM8K training items that are not targets.
+    target_prompts = {t.prompt for t in targets}
+    gsm8k = [json.loads(line) for line in (SAMPLE / "benchmarks/gsm8k/train.head600.jsonl").read_text().splitlines()]
+    others = [r for r in gsm8k if data.TRAIN_PROMPT.format(question=r["question"].strip()) not in target_prompts][:5]
+    docs = [r["doc_id"] for r in sample_corpus()][:6]
+    pairs = [{"doc_id": docs[0], "prompt": copied.prompt, "completion": copied.completion}] + [
+        {"doc_id": doc, "prompt": data.TRAIN_PROMPT.format(question=r["question"].strip()), "completion": r["answer"]}
+        for doc, r in zip(docs[1:], others, strict=True)]
+    path = tmp_path / "pairs.parquet"
+    pq.write_table(pa.Table.from_pylist(pairs), path)
+    summary = run_cli(capsys, config, "--candidate-unit", "pair", "--pairs-path", str(path), "--top-k", "1",
+                      "--no-mlflow")
+    scores = {r["doc_id"]: r for r in table(settings, "gold.influence_scores")[0] if r["run_id"] == summary["run_id"]}
+    assert set(scores) == set(docs)
+    best = max(scores.values(), key=lambda r: r["score"])
+    assert best["doc_id"] == docs[0], {d: round(r["score"], 4) for d, r in scores.items()}
+    assert [r["doc_id"] for r in table(settings, "gold.selected_texts")[0]] == [docs[0]]
+
+    # Recompute every feature at every checkpoint with the loop reference and the formula spelled out.
+    manifest = load_manifest(settings, summary["run_id"])
+    folder = run_dir(settings, summary["run_id"])
+    assert manifest["target_ids"] == [t.item_id for t in targets]
+    model = attach_lora(model, run_config, run_config.seed)
+    target_batch = [encode(t.prompt, t.completion) for t in targets]
+    candidate_batch = [encode(p["prompt"], p["completion"]) for p in pairs]
+    projector = RademacherProjector(manifest["lora_parameters"], manifest["projection"]["dim"],
+                                    manifest["projection"]["seed"], block_rows=manifest["projection"]["block_rows"])
+    saved = load_file(str(folder / "target_features.safetensors"))
+    features = lambda g: torch.nn.functional.normalize(projector.project(g), dim=1)  # noqa: E731
+    preconditioned_sim, plain_sim = 0.0, 0.0
+    for info, weight in zip(manifest["checkpoints"], manifest["checkpoint_weights"], strict=True):
+        moments = load_checkpoint(model, folder / "checkpoints" / info["name"], run_config)
+        target_features = features(per_example_gradients(model, target_batch, pad_id, "loop"))
+        assert torch.allclose(saved[info["name"]], target_features, atol=1e-4)  # targets: plain gradients
+        g = per_example_gradients(model, candidate_batch, pad_id, "loop")
+        b1, b2, eps = run_config.adam_beta1, run_config.adam_beta2, run_config.adam_eps
+        adam = (b1 * moments.exp_avg + (1 - b1) * g) / torch.sqrt(b2 * moments.exp_avg_sq + (1 - b2) * g * g + eps)
+        preconditioned_sim = preconditioned_sim + weight * features(adam) @ target_features.T
+        plain_sim = plain_sim + weight * features(g) @ target_features.T
+        # The same text as candidate and as target: equal gradients, features apart by the preconditioner.
+        as_target = target_features[targets.index(copied)]
+        assert torch.allclose(features(g[:1])[0], as_target, atol=1e-5)
+        assert float(features(adam[:1])[0] @ as_target) < 0.99
+
+    def less_scores(similarity: torch.Tensor) -> list[float]:
+        per_subtask = similarity.reshape(len(pairs), len(manifest["subtasks"]), -1).mean(-1)
+        return per_subtask.max(-1).values.tolist()
+
+    job = [scores[p["doc_id"]]["score"] for p in pairs]
+    assert job == pytest.approx(less_scores(preconditioned_sim), abs=1e-4)
+    assert max(abs(a - b) for a, b in zip(job, less_scores(plain_sim), strict=True)) > 1e-3

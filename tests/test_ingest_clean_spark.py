@@ -13,7 +13,7 @@ import pytest
 from jzlake import catalogue
 from spark_jobs import clean, ingest
 from spark_jobs.session import current_version, read_table
-from tests.conftest import SAMPLE, make_settings
+from tests.conftest import SAMPLE, copy_lake, make_settings
 from tests.test_records import write_broken_source
 
 pytestmark = pytest.mark.spark
@@ -45,7 +45,7 @@ def _expected_sample_counts() -> dict[str, dict[str, int]]:
 
 
 @pytest.fixture(scope="module")
-def lake(spark, tmp_path_factory):
+def first_run(spark, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ingest_clean")
     expected_quarantine = write_broken_source(tmp / "broken")
     settings = make_settings(tmp, sources={"broken": {"glob": str(tmp / "broken" / "*")}})
@@ -54,6 +54,13 @@ def lake(spark, tmp_path_factory):
     cleaned = clean.run(spark, settings, "clean-test-1")
     return SimpleNamespace(settings=settings, tmp=tmp, ingested=ingested, cleaned=cleaned,
                            after_ingest=after_ingest, expected_quarantine=expected_quarantine)
+
+
+@pytest.fixture
+def lake(first_run, tmp_path):
+    """This test's own copy of the first run's lake (the inputs stay shared: the ingest manifest
+    names them by path, so a test that touches one puts it back)."""
+    return SimpleNamespace(**{**vars(first_run), "settings": copy_lake(first_run.settings, tmp_path / "first-run")})
 
 
 def test_every_sample_source_ingests_with_the_default_mapping(spark, lake):
@@ -109,8 +116,12 @@ def test_reingesting_unchanged_files_adds_nothing_and_writes_nothing(spark, lake
 
 def test_a_touched_file_is_reread_without_duplicating_anything(spark, lake):
     mixed = lake.tmp / "broken" / "mixed.jsonl"
-    os.utime(mixed, (mixed.stat().st_atime, mixed.stat().st_mtime + 60))
-    summary = ingest.run(spark, lake.settings, "ingest-test-3")
+    times = (mixed.stat().st_atime_ns, mixed.stat().st_mtime_ns)
+    os.utime(mixed, ns=(times[0], times[1] + 60 * 10**9))
+    try:
+        summary = ingest.run(spark, lake.settings, "ingest-test-3")
+    finally:
+        os.utime(mixed, ns=times)  # the other tests' lake copies recorded the original mtime
     assert summary["files_read"] == 1 and summary["new_documents"] == 0
     assert summary["already_present"] == 5 and summary["quarantined"] == 7
     after = _versions(spark, lake.settings, BRONZE)

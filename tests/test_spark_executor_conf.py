@@ -23,6 +23,7 @@ def test_master_on_this_host(master: str, local: bool) -> None:
     assert master_on_this_host(master) is local
 
 
+@pytest.mark.spark  # spark_conf lists the Delta jars (var/jars)
 def test_on_this_host_executors_use_this_interpreter_and_the_project_folder(tmp_path: Path) -> None:
     conf = spark_conf(make_settings(tmp_path))
     assert conf["spark.pyspark.python"] == sys.executable
@@ -30,6 +31,7 @@ def test_on_this_host_executors_use_this_interpreter_and_the_project_folder(tmp_
     assert "spark.submit.pyFiles" not in conf
 
 
+@pytest.mark.spark  # spark_conf lists the Delta jars (var/jars)
 def test_on_a_cluster_no_driver_path_travels_and_the_code_is_shipped(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, spark={"master": "spark://spark-master.lake.svc:7077"})
     for conf in (spark_conf(settings), spark_submit_kwargs("dedupe", settings)["conf"]):
@@ -46,6 +48,7 @@ def test_on_a_cluster_no_driver_path_travels_and_the_code_is_shipped(tmp_path: P
     assert out.stdout.strip().startswith(str(archive))
 
 
+@pytest.mark.spark  # spark_conf lists the Delta jars (var/jars)
 def test_code_archive_is_reproducible_and_configurable(tmp_path: Path) -> None:
     first, second = code_archive(tmp_path / "a"), code_archive(tmp_path / "b")
     assert first.name == second.name and first.read_bytes() == second.read_bytes()

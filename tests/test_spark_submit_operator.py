@@ -24,6 +24,8 @@ from plugins.spark_submit import (  # noqa: E402
     spark_submit_kwargs,
 )
 
+pytestmark = pytest.mark.spark  # no JVM, but every submit command lists the Delta jars (var/jars)
+
 JOBS = ("ingest", "clean", "dedupe", "decontaminate", "report")
 LOCAL_CONN = '{"conn_type": "spark", "host": "local[2]"}'
 

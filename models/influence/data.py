@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -153,8 +153,14 @@ def _load_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def load_targets(settings: Settings, config: InfluenceSettings) -> list[TargetExample]:
-    """``targets_per_subtask`` examples per subtask from every configured target, ordered by subtask."""
+def load_targets(settings: Settings, config: InfluenceSettings,
+                 fits: Callable[[TargetExample], bool] | None = None) -> list[TargetExample]:
+    """``targets_per_subtask`` examples per subtask from every configured target, ordered by subtask.
+
+    ``fits`` (the job passes "leaves completion tokens within ``max_seq_len``") excludes examples
+    before the draw: a target without loss tokens has a zero gradient, and its zero similarity
+    would pull its subtask's mean toward 0 for every candidate.
+    """
     if not config.targets:
         raise ValueError("influence.targets is empty: configure at least one target benchmark "
                          "(see jzlake/defaults.yaml, influence.targets)")
@@ -169,13 +175,17 @@ def load_targets(settings: Settings, config: InfluenceSettings) -> list[TargetEx
                 continue
             subtask = name if not target.subtask_field else f"{name}/{row.get(target.subtask_field)}"
             item_id = str(row.get("unique_id") or row.get("id") or f"{name}:{index}")
-            by_subtask.setdefault(subtask, []).append(TargetExample(
-                subtask, item_id, TRAIN_PROMPT.format(question=str(question).strip()), str(solution).strip()))
+            example = TargetExample(subtask, item_id, TRAIN_PROMPT.format(question=str(question).strip()),
+                                    str(solution).strip())
+            pool = by_subtask.setdefault(subtask, [])
+            if fits is None or fits(example):
+                pool.append(example)
     n = config.targets_per_subtask
     short = {s: len(v) for s, v in by_subtask.items() if len(v) < n}
     if short:
-        raise ValueError(f"target subtasks {short} have fewer than targets_per_subtask={n} examples; "
-                         "lower influence.targets_per_subtask or add examples")
+        raise ValueError(f"target subtasks {short} have fewer than targets_per_subtask={n} usable examples "
+                         "(an example whose prompt fills influence.max_seq_len is not usable); lower "
+                         "influence.targets_per_subtask, raise influence.max_seq_len or add examples")
     examples: list[TargetExample] = []
     for subtask in sorted(by_subtask):
         pool = by_subtask[subtask]

@@ -196,7 +196,8 @@ def prepare(settings: Settings, config: InfluenceSettings, input_version: int | 
     checkpoints = warmup_train(model, [encoded[i] for i in warm], config, folder / "checkpoints", pad_id, device)
     weights = scoring.checkpoint_weights([c.mean_lr for c in checkpoints])
 
-    targets = data.load_targets(settings, config)
+    targets = data.load_targets(settings, config, fits=lambda t: data.encode(
+        tokenizer, t.prompt, t.completion, config.max_seq_len).n_loss_tokens > 0)
     target_encoded = [data.encode(tokenizer, t.prompt, t.completion, config.max_seq_len) for t in targets]
     num_params = sum(p.numel() for _, p in trainable_parameters(model))
     projector = _projector(config, num_params, device)
