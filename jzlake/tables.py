@@ -11,7 +11,7 @@ from typing import Any
 
 from jzlake import catalogue
 from jzlake.settings import Settings
-from jzlake.uris import arrow_uri
+from jzlake.uris import arrow_uri, delta_dataset
 
 
 def describe_table(table: catalogue.Table, settings: Settings) -> dict[str, Any]:
@@ -23,7 +23,7 @@ def describe_table(table: catalogue.Table, settings: Settings) -> dict[str, Any]
         delta = DeltaTable(arrow_uri(table.uri(settings)))
     except TableNotFoundError:
         return {"version": None, "rows": None, "uri": table.uri(settings)}
-    rows = delta.to_pyarrow_dataset().count_rows()
+    rows = delta_dataset(delta).count_rows()
     return {"version": delta.version(), "rows": rows, "uri": table.uri(settings)}
 
 

@@ -26,6 +26,26 @@ def arrow_uri(uri: str) -> str:
     return uri
 
 
+def delta_dataset(delta: Any, **kwargs: Any) -> Any:
+    """A pyarrow dataset over a deltalake ``DeltaTable``, read through Arrow's own filesystem.
+
+    ``DeltaTable.to_pyarrow_dataset()`` reads through a Python-implemented filesystem: Arrow's
+    readahead tasks finishing after a scan then drop Python objects on Arrow's pool threads, and
+    a process that exits right after a read can abort in interpreter teardown ("terminate called
+    without an active exception"; apache/arrow#34314, delta-rs#2184). With a native filesystem
+    rooted at the table no file handle needs the GIL. ``kwargs`` go to ``to_pyarrow_dataset``.
+    """
+    from pyarrow import fs as pafs
+
+    filesystem, root = arrow_filesystem(delta.table_uri)
+    return delta.to_pyarrow_dataset(filesystem=pafs.SubTreeFileSystem(root, filesystem), **kwargs)
+
+
+def delta_table(delta: Any, columns: list[str] | None = None, row_filter: Any = None) -> Any:
+    """The rows of a deltalake ``DeltaTable`` as a pyarrow Table (see ``delta_dataset``)."""
+    return delta_dataset(delta).to_table(columns=columns, filter=row_filter)
+
+
 def arrow_filesystem(path: str) -> tuple[Any, str]:
     """``(pyarrow FileSystem, path inside it)`` for a local path (relative ones too) or a URI.
 

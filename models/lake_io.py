@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 from jzlake import catalogue
 from jzlake.settings import Settings
-from jzlake.uris import arrow_filesystem, arrow_uri
+from jzlake.uris import arrow_filesystem, arrow_uri, delta_dataset, delta_table
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -109,10 +109,7 @@ def read_table_at(settings: Settings, full_name: str, version: int | None = None
     except Exception as exc:  # delta-rs raises its own error types per cause
         raise LakeIOError(f"cannot open {full_name} at version {version} ({uri}): {exc}; versions "
                           "removed by VACUUM cannot be read — rerun with the current version") from exc
-    if row_filter is not None:
-        dataset = table.to_pyarrow_dataset()
-        return dataset.to_table(columns=list(columns) if columns else None, filter=row_filter), table.version()
-    return table.to_pyarrow_table(columns=list(columns) if columns else None), table.version()
+    return delta_table(table, list(columns) if columns else None, row_filter), table.version()
 
 
 # ---- schema -------------------------------------------------------------------------------------
@@ -256,9 +253,10 @@ def _existing_rows(table: DeltaTable, keys: Sequence[str], source: pa.Table) -> 
     import pyarrow.compute as pc
 
     values = source.column(keys[0]).unique()
-    schema = table.to_pyarrow_dataset().schema
+    dataset = delta_dataset(table)
+    schema = dataset.schema
     parts = []
-    for batch in table.to_pyarrow_dataset().to_batches():
+    for batch in dataset.to_batches():
         column = batch.column(keys[0]).cast(values.type)
         mask = pc.is_in(column, value_set=values)
         if pc.any(mask).as_py():
@@ -304,7 +302,7 @@ def merge_rows(settings: Settings, full_name: str, rows: pa.Table | Sequence[Map
     changed = [k for k in incoming if k in existing and existing[k] != incoming[k]]
     deleted = 0
     if delete_missing:
-        all_keys = target.to_pyarrow_table(columns=keys).to_pylist()
+        all_keys = delta_table(target, keys).to_pylist()
         deleted = sum(1 for row in all_keys if tuple(row[k] for k in keys) not in incoming)
     result = {"table": full_name, "inserted": len(new), "updated": len(changed), "deleted": deleted,
               "unchanged": len(incoming) - len(new) - len(changed)}

@@ -58,13 +58,13 @@ def describe_delta(uri: str, version: int | None = None) -> dict[str, Any]:
     from deltalake import DeltaTable
     from deltalake.exceptions import TableNotFoundError
 
-    from jzlake.uris import arrow_uri
+    from jzlake.uris import arrow_uri, delta_dataset
 
     try:
         table = DeltaTable(arrow_uri(uri).removeprefix("file://"), version=version)
     except TableNotFoundError:
         return {VERSION_KEY: None, "rows": None}
-    return {VERSION_KEY: table.version(), "rows": table.to_pyarrow_dataset().count_rows()}
+    return {VERSION_KEY: table.version(), "rows": delta_dataset(table).count_rows()}
 
 
 def reported_version(summary: Mapping[str, Any] | None, full_name: str) -> int | None:

@@ -91,6 +91,7 @@ from typing import TYPE_CHECKING, Any
 
 from jzlake import catalogue
 from jzlake.lineage import new_run_id, utc_now
+from jzlake.uris import delta_table
 from models.generation.budget import Budget, Reservation, Spend
 from models.generation.types import LINEAGE_COLUMNS, GenerationRequest, GenerationResponse
 
@@ -463,7 +464,7 @@ class Ledger:
             delta = self._delta()
         present = {f.name for f in delta.schema().fields}
         wanted = columns or schema.names
-        table = delta.to_pyarrow_table(columns=[c for c in wanted if c in present])
+        table = delta_table(delta, [c for c in wanted if c in present])
         for name in wanted:  # columns the catalogue has and an older table lacks read as null
             if name not in present:
                 table = table.append_column(schema.field(name), pa.nulls(table.num_rows, schema.field(name).type))

@@ -71,7 +71,12 @@ def format_seed_examples(settings: Settings, config: SynthesizerTrainSettings
     templates = templates_for(settings.prompts, settings.home)
     cot = [t for t in settings.prompts.stages if templates[t].kind == "cot"] or \
         [t for t in sorted(templates) if templates[t].kind == "cot"]
-    pairs = list(data.read_problem_pairs(config.format_seed_paths, settings.home))
+    pairs = [pair for pair in data.read_problem_pairs(config.format_seed_paths, settings.home)
+             if config.format_seed_max_chars is None or len(pair[1]) + len(pair[2]) <= config.format_seed_max_chars]
+    if len(pairs) < 2:
+        raise data.TrainingInputError(f"format seed: {len(pairs)} pairs in {config.format_seed_paths} fit "
+                                      f"train.synthesizer.format_seed_max_chars={config.format_seed_max_chars}; "
+                                      "raise it or add files")
     chosen = data.seeded_shuffle(range(len(pairs)), config.seed, "format-seed")[:config.format_seed_samples]
     examples = []
     for n, index in enumerate(chosen):
