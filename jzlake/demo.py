@@ -113,7 +113,9 @@ def headline(summary: dict[str, Any]) -> str:
 
 def step_line(step: Step, summary: dict[str, Any], elapsed: float, exit_code: int) -> str:
     state = "refused" if exit_code == GATE_REFUSED_EXIT else "ok"
-    return f"{state:>7} {step.name:<20} {elapsed:6.0f} s  {headline(summary)}"
+    reasons = summary.get("reasons") or []
+    why = f"  why: {reasons[0]}" + (f" (+{len(reasons) - 1} more)" if len(reasons) > 1 else "") if reasons else ""
+    return f"{state:>7} {step.name:<20} {elapsed:6.0f} s  {headline(summary)}{why}"
 
 
 def format_tables(tables: dict[str, dict[str, Any]]) -> str:
@@ -163,6 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     settings = load_settings()
     out_dir = demo_dir(settings)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per download otherwise
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     started = time.monotonic()
     results: dict[str, Any] = {}
@@ -179,7 +182,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         with serving(ensure_tiny_model(settings), port, out_dir / "logs" / "teacher-server.log"):
             run_steps(DISTILLATION, env, out_dir, results)
         run_steps([TRAIN_SYNTHESIZER], env, out_dir, results)
-        synthesizer = resolve_synthesizer(settings)  # the registry's pick, as `jzlake synthesize` makes it
+        # The registry's pick, as `jzlake synthesize` makes it (its log lines go to the step's log).
+        with open(out_dir / "logs" / "resolve-synthesizer.log", "w") as log, contextlib.redirect_stderr(log):
+            synthesizer = resolve_synthesizer(settings)
         with serving(synthesizer.served_models[synthesizer.model], port, out_dir / "logs" / "synthesizer-server.log"):
             run_steps(SYNTHESIS[:1], env, out_dir, results)
         run_steps(SYNTHESIS[1:], env, out_dir, results)

@@ -155,3 +155,22 @@ def test_synthesizer_metrics_come_from_its_own_samples_in_the_lake(tmp_path) -> 
     thresholds = SynthesizerGateThresholds(min_valid_rate=0.7, max_contaminated_rate=0.2)
     assert decide_synthesizer(metrics, thresholds).passed
     assert not decide_synthesizer(synthesizer_metrics(settings, "w-old") or {}, thresholds).passed
+
+
+def test_a_registered_synthesizer_is_matched_by_the_registry_uri_synthesis_stamps(tmp_path) -> None:
+    # Synthesis from the registry stamps model_uri = models:/NAME/VERSION and model_version = VERSION:
+    # the gate must find those rows, and another version's rows must not count.
+    from models import lake_io
+    from models.eval.promote import synthesizer_metrics
+    from tests.conftest import make_settings
+
+    settings = make_settings(tmp_path)
+    raw = [{"request_key": f"v2-{i}", "model_uri": "models:/jiuzhang-synthesizer/2", "model_version": "2",
+            "reason": None if i < 3 else "unparsable"} for i in range(4)]
+    raw += [{"request_key": f"v1-{i}", "model_uri": "models:/jiuzhang-synthesizer/1", "model_version": "1",
+             "reason": "unparsable"} for i in range(6)]
+    lake_io.merge_rows(settings, "gold.synthetic_raw", raw)
+    metrics = synthesizer_metrics(settings, "models:/jiuzhang-synthesizer/2", column="model_uri")
+    assert metrics["synth.valid_rate"] == pytest.approx(0.75) and metrics["synth.sampled"] == 4
+    assert metrics["synth.contaminated_rate"] == 0.0  # nothing dropped as contaminated
+    assert synthesizer_metrics(settings, "models:/jiuzhang-synthesizer/3", column="model_uri") == {}

@@ -74,18 +74,20 @@ def load_evaluation(settings: Settings, name: str, version: str,
     return ModelEvaluation(name, version, results)
 
 
-def synthesizer_metrics(settings: Settings, weights_version: str) -> dict[str, float]:
-    """``synth.valid_rate`` (parsed + validated share of the version's replies in
+def synthesizer_metrics(settings: Settings, identity: str, column: str = "model_version") -> dict[str, float]:
+    """``synth.valid_rate`` (parsed + validated share of the synthesizer's replies in
     ``gold.synthetic_raw``) and ``synth.contaminated_rate`` (share of the valid ones the filter
-    dropped as ``contaminated``) for the synthesizer whose weights hash is ``weights_version``
-    (the ``model_version`` synthesis stamps on its rows). Empty when it synthesized nothing."""
-    raw = _rows_where(settings, "gold.synthetic_raw", {"model_version": weights_version}, ["reason"])
+    dropped as ``contaminated``) for the rows whose ``column`` equals ``identity``: a registered
+    synthesizer's ``model_uri`` (``models:/NAME/VERSION``, what synthesis stamps when it resolves
+    the registry), or the weights hash synthesis stamps as ``model_version`` for a plain model
+    directory. Empty when it synthesized nothing."""
+    raw = _rows_where(settings, "gold.synthetic_raw", {column: identity}, ["reason"])
     if not raw:
         return {}
     valid = sum(1 for row in raw if row["reason"] is None)
     metrics = {"synth.valid_rate": valid / len(raw), "synth.sampled": float(len(raw))}
     if valid:
-        dropped = _rows_where(settings, "gold.synthetic_dropped", {"model_version": weights_version}, ["reason"])
+        dropped = _rows_where(settings, "gold.synthetic_dropped", {column: identity}, ["reason"])
         metrics["synth.contaminated_rate"] = sum(1 for row in dropped if row["reason"] == "contaminated") / valid
     return metrics
 
@@ -139,8 +141,11 @@ def promote(settings: Settings, name: str, *, kind: str | None = None,
         thresholds: Any = settings.eval.synthesizer_gate
         # the run's own metrics (held-out KD loss from training), then what its samples show in the lake
         metrics = dict(client(settings).get_run(challenger.run_id).data.metrics) if challenger.run_id else {}
-        weights = weights_sha256(resolve_model_path(settings, challenger.uri))[:16]
-        metrics.update(synthesizer_metrics(settings, weights))
+        # its samples by registry URI; a copy synthesized from its directory by weights hash
+        samples = synthesizer_metrics(settings, challenger.uri, column="model_uri")
+        if not samples:
+            samples = synthesizer_metrics(settings, weights_sha256(resolve_model_path(settings, challenger.uri))[:16])
+        metrics.update(samples)
         decision: GateDecision = decide_synthesizer(metrics, thresholds)
     else:
         thresholds = settings.eval.gate
