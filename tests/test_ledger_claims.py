@@ -189,8 +189,8 @@ def test_eight_writers_on_the_same_keys_send_each_once_and_commit_everything(tmp
 
 # ---- commit failures: spill, then commit on the next start ------------------------------------
 
-def test_an_answer_whose_commit_fails_is_spilled_and_committed_by_the_next_start(tmp_path: Path,
-                                                                               monkeypatch) -> None:
+def _spilled(tmp_path: Path, monkeypatch):
+    """Three answers bought, none committable (injected conflicts): all spilled to one file."""
     from deltalake import DeltaTable
     from deltalake.exceptions import CommitFailedError
 
@@ -201,7 +201,7 @@ def test_an_answer_whose_commit_fails_is_spilled_and_committed_by_the_next_start
 
     def answers_never_commit(self, updates=None, *args, **kwargs):
         if (updates or {}).get("`status`") == "'succeeded'":
-            raise CommitFailedError("injected: a concurrent transaction won every time")
+            raise CommitFailedError("injected")
         return original(self, updates, *args, **kwargs)
 
     with monkeypatch.context() as patch:
@@ -209,9 +209,15 @@ def test_an_answer_whose_commit_fails_is_spilled_and_committed_by_the_next_start
         ledger = Ledger.open(settings, "gold.kd_requests")
         first = run_generation(requests, backend, ledger, budget_for(settings, ledger))
     assert first.succeeded == 3 and first.ledger_spilled == 3  # the run went on; nothing was lost
-    assert {r["status"] for r in _rows(settings).values()} == {"sending"}
     spill_dir = Path(settings.runs_dir) / "ledger_spill" / "gold.kd_requests"
-    assert len(list(spill_dir.glob("*.jsonl"))) == 1
+    (path,) = spill_dir.glob("*.jsonl")
+    return settings, requests, backend, spill_dir, path
+
+
+def test_an_answer_whose_commit_fails_is_spilled_and_committed_by_the_next_start(tmp_path: Path,
+                                                                               monkeypatch) -> None:
+    settings, requests, backend, spill_dir, _ = _spilled(tmp_path, monkeypatch)
+    assert {r["status"] for r in _rows(settings).values()} == {"sending"}
 
     ledger = Ledger.open(settings, "gold.kd_requests")
     second = run_generation(requests, backend, ledger, budget_for(settings, ledger))
@@ -596,29 +602,6 @@ def test_an_answer_whose_claim_was_taken_over_is_reported_lost_not_succeeded(tmp
 
 
 # ---- spill files: damaged lines quarantined, leftovers of dead recoverers taken over -----------
-
-def _spilled(tmp_path: Path, monkeypatch):
-    from deltalake import DeltaTable
-    from deltalake.exceptions import CommitFailedError
-
-    settings = _settings(tmp_path, ledger_commit_deadline_s=0.3)
-    requests = sample_requests(3, model=TEACHER)
-    backend = CountingBackend()
-    original = DeltaTable.update
-
-    def answers_never_commit(self, updates=None, *args, **kwargs):
-        if (updates or {}).get("`status`") == "'succeeded'":
-            raise CommitFailedError("injected")
-        return original(self, updates, *args, **kwargs)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(DeltaTable, "update", answers_never_commit)
-        ledger = Ledger.open(settings, "gold.kd_requests")
-        assert run_generation(requests, backend, ledger, budget_for(settings, ledger)).ledger_spilled == 3
-    spill_dir = Path(settings.runs_dir) / "ledger_spill" / "gold.kd_requests"
-    (path,) = spill_dir.glob("*.jsonl")
-    return settings, requests, backend, spill_dir, path
-
 
 def _restart(settings, requests, backend):
     ledger = Ledger.open(settings, "gold.kd_requests")
